@@ -1,0 +1,1 @@
+"""Registered-face datasets: the on-disk format, synthesis from the ICT model, and ingest."""
