@@ -1,26 +1,31 @@
-"""Sparse least squares with a system matrix that is factored once and reused for many solves."""
+"""Sparse symmetric positive-definite systems factored once and solved for whole batches."""
 
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-import scipy.sparse.linalg as spla
+from cholespy import CholeskySolverD, MatrixType
 
 
 class FactoredSystem:
-    """A sparse square system A x = b, factored once (SuperLU), solved for whole batches.
+    """A x = b for a sparse SPD matrix A (n, n), Cholesky-factored once (cholespy/CHOLMOD).
 
-    A: (n, n) sparse, non-singular (typically the normal matrix of a least-squares problem).
-    ``solve(b)`` takes b of shape (n,) or (n, k) and returns x of the same shape, so k meshes
-    (or k = 3 N coordinate columns) cost one forward/backward substitution pass each.
+    ``solve(b)`` takes b of shape (n,) or (n, k) and returns x of the same shape: k right-hand
+    sides (k meshes, or 3 N coordinate columns) share one factorization and one pass.
     """
 
     def __init__(self, A: sp.spmatrix):
+        A = sp.coo_matrix(A, dtype=np.float64)
         self.n = A.shape[0]
-        self._lu = spla.splu(sp.csc_matrix(A, dtype=np.float64), permc_spec="MMD_AT_PLUS_A")
+        self._solver = CholeskySolverD(
+            self.n, A.row.astype(np.int32), A.col.astype(np.int32), A.data, MatrixType.COO
+        )
 
     def solve(self, b: np.ndarray) -> np.ndarray:
-        return self._lu.solve(np.asarray(b, dtype=np.float64))
+        b = np.ascontiguousarray(b, dtype=np.float64)
+        x = np.empty_like(b)
+        self._solver.solve(b, x)
+        return x
 
 
 def least_squares_normal(blocks: list[tuple[sp.spmatrix, float]]) -> sp.csr_matrix:

@@ -1,0 +1,153 @@
+"""The ``facegan`` command: parses options and calls the library. No logic lives here."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from facegan.errors import FaceganError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Generative 3D face models by adversarial training (Abrevaya et al., ICCV 2019).")
+
+DEFAULT_DATA = Path("data/ict-small")
+
+
+@app.command()
+def synth(
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to create."),
+    profile: str = typer.Option("small", help="small (~3,000 meshes) or paper (~30,000 meshes)."),
+    seed: int = typer.Option(0, help="Random seed."),
+    ict: Optional[Path] = typer.Option(None, help="ICT face model: the compact copy or an ICT-FaceKit clone."),
+    method: str = typer.Option("transfer", help="Expressions by deformation 'transfer' or 'additive' offsets."),
+) -> None:
+    """Synthesize a registered-face dataset from the ICT face model (static + motion + spontaneous)."""
+    from facegan.data.build import synthesize_dataset
+
+    ds = synthesize_dataset(out, profile=profile, seed=seed, ict_path=ict, method=method)
+    typer.echo(f"wrote {out}: {len(ds)} meshes, {ds.info['counts']}")
+
+
+@app.command()
+def ingest(
+    mesh_dir: Path = typer.Argument(..., help="Folder of registered OBJ/PLY meshes (CoMA layout understood)."),
+    template: Path = typer.Option(..., "--template", help="Template OBJ (with UVs, or disk-shaped)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to create."),
+    labels: Optional[Path] = typer.Option(None, help="CSV: mesh_id|file, identity, expression[, split]."),
+    test_fraction: float = typer.Option(0.1, help="Fraction of identities held out when no split is given."),
+    seed: int = typer.Option(0, help="Seed of the held-out identity draw."),
+) -> None:
+    """Make a dataset from a folder of registered meshes in the template's topology."""
+    from facegan.data.ingest import ingest as run
+
+    ds = run(mesh_dir, template, out, labels, test_fraction, seed)
+    typer.echo(f"wrote {out}: {len(ds)} meshes, {ds.info['counts']}")
+
+
+@app.command()
+def encode(
+    data: Path = typer.Argument(..., help="Dataset folder."),
+    resolution: int = typer.Option(64, help="Geometry image side: 64, 128 or 256."),
+    alpha: Optional[float] = typer.Option(None, help="Laplacian weight of dense reconstruction (default 0.1; paper 1.2)."),
+) -> None:
+    """Compute and cache the dataset's uint8 geometry images (mean and range from the training split)."""
+    from facegan.data.dataset import open_dataset
+    from facegan.data.encode import encode_dataset
+    from facegan.geometry_image import DEFAULT_ALPHA
+
+    ds = open_dataset(data)
+    codec = encode_dataset(ds, resolution, DEFAULT_ALPHA if alpha is None else alpha)
+    typer.echo(f"encoded {len(ds)} meshes at {resolution}px into {data / 'images'} ({int(codec.mask.sum())} chart pixels)")
+
+
+@app.command("to-image")
+def to_image(
+    mesh: Path = typer.Argument(..., help="Registered mesh (OBJ/PLY)."),
+    data: Path = typer.Option(DEFAULT_DATA, help="Encoded dataset whose codec to use."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output .png (uint8) or .npy (float, mm)."),
+    resolution: int = typer.Option(64, help="Image side."),
+) -> None:
+    """Encode one mesh as a geometry image."""
+    from facegan.geometry_image.files import mesh_to_image_file
+
+    mesh_to_image_file(mesh, data, out, resolution)
+    typer.echo(f"wrote {out}")
+
+
+@app.command("to-mesh")
+def to_mesh(
+    image: Path = typer.Argument(..., help="Geometry image (.png uint8 or .npy float mm)."),
+    data: Path = typer.Option(DEFAULT_DATA, help="Encoded dataset whose codec to use."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output mesh (.obj or .ply)."),
+    method: str = typer.Option("dense", help="dense (Laplacian least squares, Eq. 4) or sparse (bilinear)."),
+) -> None:
+    """Reconstruct a mesh from a geometry image."""
+    from facegan.geometry_image.files import image_file_to_mesh
+
+    image_file_to_mesh(image, data, out, method)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def render(
+    meshes: List[Path] = typer.Argument(..., help="Meshes (OBJ/PLY) to render."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output PNG grid."),
+    size: int = typer.Option(256, help="Pixels per view."),
+) -> None:
+    """Shaded headless renders of meshes, as one PNG grid."""
+    from facegan.render import render_files
+
+    render_files(list(meshes), out, size=size)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def roundtrip(
+    data: Path = typer.Argument(DEFAULT_DATA, help="Dataset folder."),
+    resolution: List[int] = typer.Option([64], help="Resolutions to measure (repeatable)."),
+    limit: int = typer.Option(175, help="At most this many test meshes."),
+) -> None:
+    """Print the mesh -> image -> mesh error table on the held-out test meshes."""
+    from facegan.geometry_image.files import print_roundtrip
+
+    print_roundtrip(data, resolution, limit, echo=typer.echo)
+
+
+@app.command()
+def demo(
+    data: Path = typer.Option(DEFAULT_DATA, help="Where the default dataset lives (made if missing)."),
+) -> None:
+    """The main job on the built-in default: synthesize the small dataset, encode it, print the round trip."""
+    from facegan.data.dataset import open_dataset
+    from facegan.data.encode import encode_dataset
+    from facegan.data.build import synthesize_dataset
+    from facegan.geometry_image.files import print_roundtrip
+
+    if not (data / "dataset.json").exists():
+        synthesize_dataset(data, profile="small", seed=0)
+    ds = open_dataset(data)
+    if not (data / "images" / "res64.json").exists():
+        encode_dataset(ds, 64)
+    print_roundtrip(data, [64], 175, echo=typer.echo)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 1, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except FaceganError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except __import__("click").exceptions.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+
+
+if __name__ == "__main__":
+    main()

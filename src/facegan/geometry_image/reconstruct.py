@@ -1,0 +1,90 @@
+"""Meshes back from geometry images: the sparse bilinear read and the dense Laplacian solve (Eq. 4)."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from facegan.geometry_image.pixel_map import PixelMap
+from facegan.linalg import FactoredSystem
+from facegan.mesh.operators import cotangent_laplacian
+from facegan.mesh.template import Template
+
+# Above this many operator entries (V x P floats) the dense operator is not formed and solves go
+# through the sparse factorization instead (e.g. 256 px images).
+_MAX_OPERATOR_ENTRIES = 120_000_000
+
+
+def bilinear_read(images: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples (N, K, C) of images (N, H, W, C) at pixel coordinates points (K, 2) = (x, y).
+
+    Differentiable in ``images``. Points must lie in [0, W-1] x [0, H-1].
+    """
+    n, h, w, c = images.shape
+    pts = points.to(images.device, torch.float64)
+    x0 = pts[:, 0].floor().clamp(0, w - 2)
+    y0 = pts[:, 1].floor().clamp(0, h - 2)
+    fx = (pts[:, 0] - x0).to(images.dtype)[None, :, None]
+    fy = (pts[:, 1] - y0).to(images.dtype)[None, :, None]
+    base = (y0 * w + x0).long()
+    flat = images.reshape(n, h * w, c)
+    p00, p01 = flat[:, base], flat[:, base + 1]
+    p10, p11 = flat[:, base + w], flat[:, base + w + 1]
+    return (p00 * (1 - fx) + p01 * fx) * (1 - fy) + (p10 * (1 - fx) + p11 * fx) * fy
+
+
+class DenseReconstructor(torch.nn.Module):
+    """Solve Eq. 4 in displacement form: argmin_d |B d - p|^2 + alpha |L d|^2.
+
+    B (P, V) interpolates vertex displacements at the mask pixels' surface points, L is the
+    cotangent Laplacian of the template (not mass-normalized), d = v - v_mean so the term
+    |L v_mean - L v| of the paper becomes |L d|. The normal matrix A = B^T B + alpha L^T L is the
+    same for every mesh: it is factored once, and when it fits in memory the whole solve is
+    precomputed as a dense operator R = A^{-1} B^T (V, P), so a batch costs one matrix product
+    (and autograd comes for free).
+    """
+
+    def __init__(self, template: Template, pixel_map: PixelMap, alpha: float):
+        super().__init__()
+        B = pixel_map.interpolation_matrix(template.triangles, template.n_vertices)
+        L = cotangent_laplacian(template.vertices, template.triangles)
+        self.alpha = float(alpha)
+        self._B = sp.csr_matrix(B)
+        self._system = FactoredSystem((B.T @ B + self.alpha * (L.T @ L)).tocsc())
+        n_entries = template.n_vertices * B.shape[0]
+        operator = None
+        if n_entries <= _MAX_OPERATOR_ENTRIES:
+            operator = torch.from_numpy(self._system.solve(B.T.toarray()).astype(np.float32))
+        self.register_buffer("operator", operator, persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Vertex displacements (N, V, 3) from mask-pixel values (N, P, 3)."""
+        if self.operator is not None:
+            op = self.operator.to(pixels.device, pixels.dtype)
+            n, p, c = pixels.shape
+            # One (V, P) x (P, 3N) product for the whole batch, not N small ones.
+            x = op @ pixels.permute(1, 0, 2).reshape(p, n * c)
+            return x.reshape(-1, n, c).permute(1, 0, 2)
+        return _SparseSolve.apply(pixels, self)
+
+
+class _SparseSolve(torch.autograd.Function):
+    """x = A^{-1} B^T p with the factored A; A is symmetric so the backward pass is B A^{-1} g."""
+
+    @staticmethod
+    def forward(ctx, pixels: torch.Tensor, rec: DenseReconstructor) -> torch.Tensor:
+        ctx.rec = rec
+        n, p, c = pixels.shape
+        rhs = rec._B.T @ pixels.detach().cpu().double().permute(1, 0, 2).reshape(p, n * c).numpy()
+        x = rec._system.solve(rhs).reshape(-1, n, c)
+        return torch.from_numpy(x).permute(1, 0, 2).to(pixels.device, pixels.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        rec = ctx.rec
+        n, v, c = grad.shape
+        g = grad.detach().cpu().double().permute(1, 0, 2).reshape(v, n * c).numpy()
+        gp = rec._B @ rec._system.solve(g)
+        out = torch.from_numpy(gp.reshape(-1, n, c)).permute(1, 0, 2).to(grad.device, grad.dtype)
+        return out, None
