@@ -73,7 +73,9 @@ class DeformationTransfer:
     source_neutral: (V, 3) (any unit; results come back in the same unit); triangles: (F, 3).
     """
 
-    def __init__(self, source_neutral: np.ndarray, triangles: np.ndarray, regularization: float = _DEFAULT_REGULARIZATION):
+    def __init__(
+        self, source_neutral: np.ndarray, triangles: np.ndarray, regularization: float = _DEFAULT_REGULARIZATION
+    ):
         self.source_neutral = np.asarray(source_neutral, np.float64)
         self.triangles = np.asarray(triangles, np.int64)
         self.regularization = regularization
@@ -111,10 +113,11 @@ class TargetTransfer:
         self.eps = dt.regularization * float(normal.diagonal().mean())
         self._system = FactoredSystem(normal + self.eps * sp.identity(normal.shape[0], format="csr"))
         # blockdiag(V_t^-T): entry (3t + c, 3t + c') = inv_frames[t, c', c]
-        r = 3 * np.arange(n_tri)[:, None, None] + np.arange(3)[None, :, None]
-        c = 3 * np.arange(n_tri)[:, None, None] + np.arange(3)[None, None, :]
-        inv_t = dt._inv_frames.transpose(0, 2, 1)
-        block = sp.csr_matrix((inv_t.ravel(), (np.broadcast_to(r, inv_t.shape).ravel(), np.broadcast_to(c, inv_t.shape).ravel())), shape=(3 * n_tri, 3 * n_tri))
+        base = 3 * np.arange(n_tri)[:, None, None]
+        rows = np.broadcast_to(base + np.arange(3)[None, :, None], (n_tri, 3, 3))
+        cols = np.broadcast_to(base + np.arange(3)[None, None, :], (n_tri, 3, 3))
+        values = dt._inv_frames.transpose(0, 2, 1)
+        block = sp.csr_matrix((values.ravel(), (rows.ravel(), cols.ravel())), shape=(3 * n_tri, 3 * n_tri))
         K = (gt_w @ block).tocsc()  # (V, 3F), column 3t + c' pairs with frame column c'
         self._edges_op = (K @ _edge_operator(tri, len(self.target_neutral))).tocsr()  # (V, V)
         self._normals_op = K[:, 2::3].tocsr()  # (V, F)

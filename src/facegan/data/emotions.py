@@ -229,7 +229,8 @@ def mixture_sequence(
         return first[None]
     keys, positions = [first], [0]
     while positions[-1] < n_frames - 1:
-        positions.append(min(positions[-1] + int(rng.integers(key_spacing[0], key_spacing[1] + 1)), n_frames - 1))
+        # The last key may lie past the end: a clipped, short last segment would jump.
+        positions.append(positions[-1] + int(rng.integers(key_spacing[0], key_spacing[1] + 1)))
         keys.append(random_mixture(rng, names))
     keys_arr, pos = np.stack(keys), np.asarray(positions)
     t = np.arange(n_frames)

@@ -68,7 +68,8 @@ class ICTModel:
     neutral: (V, 3); identity_modes: (100, V, 3); expression_modes: (53, V, 3) (displacements
     from ``neutral``); expression_names: 53 ARKit-style names in mode order; landmarks: (68,)
     int64 vertex indices (Multi-PIE order); obj_path: the neutral OBJ (its faces and UVs define
-    the topology); source: the folder the user gave (compact copy or ICT-FaceKit clone).
+    the topology); source: the compact copy or the ICT-FaceKit clone's root folder (where its LICENSE
+and CREDITS.md are).
     """
 
     neutral: np.ndarray
@@ -78,8 +79,8 @@ class ICTModel:
     landmarks: np.ndarray
     obj_path: Path
     source: Path
-    _template: Template | None = field(default=None, repr=False)
-    _narrow: NarrowICT | None = field(default=None, repr=False)
+    _template: Template | None = field(default=None, init=False, repr=False)
+    _narrow: NarrowICT | None = field(default=None, init=False, repr=False)
 
     @property
     def n_vertices(self) -> int:
@@ -154,7 +155,8 @@ def load_ict(path: str | os.PathLike | None = None) -> ICTModel:
         return _load_compact(path, source=path)
     facex = _facex_dir(path)
     if facex is not None:
-        return _load_compact(_convert_clone(path, facex), source=path)
+        # Given the FaceXModel folder itself, the clone is its parent (where LICENSE lives).
+        return _load_compact(_convert_clone(facex.parent, facex), source=facex.parent)
     raise FaceganError(
         f"{path}: not an ICT face model folder (expected shapes.npz, generic_neutral_mesh.obj and "
         "vertex_indices.json, or an ICT-FaceKit clone with FaceXModel/generic_neutral_mesh.obj)"

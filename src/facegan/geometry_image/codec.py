@@ -97,7 +97,7 @@ class GeometryImageCodec:
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, meshes: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Float geometry images (N, H, W, 3) in mm of meshes (N, V, 3) in mm; 0 outside the mask."""
-        verts = meshes if torch.is_tensor(meshes) else torch.from_numpy(np.ascontiguousarray(meshes))
+        verts = meshes if torch.is_tensor(meshes) else torch.from_numpy(np.require(meshes, requirements=["C", "W"]))
         verts = verts.to(torch.float32)
         idx, w = self._gather
         out = verts.new_zeros(len(verts), self.resolution * self.resolution, 3)

@@ -1,0 +1,348 @@
+"""Losses of Abrevaya et al. (ICCV 2019), Sec. 4.1, as pure terms plus a two-phase driver (D, then G).
+
+Notation: K factors (identity, expression, ...), each with a code z_k and fixed labeled codes T^k
+(one per class). Every tensor of images is (B, 3, R, R) in the normalized network space.
+
+* D minimizes  E[C(fake)] - E[C(real)] + gp_weight * GP  +  lambda_c * sum_k NLL_k(real)       (Eq. 5)
+  (the negation of "D maximizes L_GAN + lambda_c sum_k L_k"; WGAN-GP replaces Eq. 1's log terms).
+* G minimizes  lambda_gan * (-E[C(fake)]) + lambda_class * sum_{labeled k} NLL_k(fake)
+               + lambda_feat * sum_{paired k} L_FEAT_k + lambda_tv * L_TV                        (Eq. 7)
+
+Alternate training (Sec. 4.1.3) decides per generator batch which factors are *labeled* (codes from T^k,
+classification loss) and which are *paired* (random codes shared by the two samples of a pair,
+feature loss); see :func:`plan_batch` and :func:`sample_codes`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+
+from facegan.errors import FaceganError
+from facegan.nn.networks import Discriminator
+
+# ------------------------------------------------------------------------------------------- variants
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """What a training variant switches on. Factor indices refer to the dataset's factor order.
+
+    classified: factors with a classifier branch in D (branch b classifies factor classified[b]);
+    alternate: cycle the labeled factor over the factors, batch by batch (Sec. 4.1.3);
+    feature_loss: feature loss (Eq. 9-10) on the paired (unlabeled) factors;
+    tv: total-variation regularizer (Eq. 11);
+    classify_fakes_in_d: D also classifies fakes (plain AC-GAN, Eq. 3).
+    """
+
+    name: str
+    n_factors: int
+    classified: tuple[int, ...]
+    alternate: bool
+    feature_loss: bool
+    tv: bool
+    classify_fakes_in_d: bool
+
+    def branch_of(self, factor: int) -> int:
+        return self.classified.index(factor)
+
+
+def variant_spec(name: str, n_factors: int) -> VariantSpec:
+    """The switches of variant ``name`` (see docs/training.md for the table and reasons).
+
+    full: all factors classified, alternation, feature loss, TV. acgan: one classifier (the first factor,
+    identity), fakes classified by D and G, no alternation, no feature loss, no TV. no-alternate: labeled
+    codes for all factors in every batch (so no unlabeled codes and hence no feature loss). no-tv,
+    no-feature: full minus that term. id-only: full with only the identity classifier.
+    """
+    everything = tuple(range(n_factors))
+    specs = {
+        "full": VariantSpec(name, n_factors, everything, True, True, True, False),
+        "acgan": VariantSpec(name, n_factors, (0,), False, False, False, True),
+        "no-alternate": VariantSpec(name, n_factors, everything, False, False, True, False),
+        "no-tv": VariantSpec(name, n_factors, everything, True, True, False, False),
+        "no-feature": VariantSpec(name, n_factors, everything, True, False, True, False),
+        "id-only": VariantSpec(name, n_factors, (0,), True, True, True, False),
+    }
+    if name not in specs:
+        raise FaceganError(f"unknown variant {name!r} (known: {', '.join(specs)})")
+    return specs[name]
+
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which factors of one generated batch get labeled codes, and which are shared within pairs."""
+
+    labeled: tuple[int, ...]
+    paired: tuple[int, ...]
+
+
+def plan_batch(spec: VariantSpec, iteration: int, for_discriminator: bool = False) -> BatchPlan:
+    """The code plan of the generator batch at ``iteration``.
+
+    With alternation, phase k = iteration mod K: factor k gets labeled codes if it has a classifier,
+    the other factors get random codes, and those with a classifier (and the feature loss on) are paired.
+    Without alternation every classified factor is labeled and nothing is paired. The fakes shown to D use
+    the same plan without pairs (pairs only matter to the feature loss).
+    """
+    if spec.alternate:
+        phase = iteration % spec.n_factors
+        labeled = (phase,) if phase in spec.classified else ()
+        paired = tuple(k for k in spec.classified if k != phase) if spec.feature_loss else ()
+    else:
+        labeled, paired = spec.classified, ()
+    return BatchPlan(labeled, () if for_discriminator else paired)
+
+
+@dataclass
+class CodeBatch:
+    """Latent codes of one generated batch of n samples.
+
+    codes[k]: (n, size_k); noise: (n, noise_size); labels[k]: (n,) int64 class of the T^k code used, or
+    None when factor k's codes are random; pairs[k] = (first, second): (n/2,) int64 indices of the samples
+    sharing factor k's code (pair i = first[i], second[i]); only for paired factors.
+    """
+
+    codes: list[torch.Tensor]
+    noise: torch.Tensor
+    labels: list[torch.Tensor | None]
+    pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def z(self) -> torch.Tensor:
+        return torch.cat([*self.codes, self.noise], dim=1)
+
+
+def sample_codes(n: int, plan: BatchPlan, fixed_codes: list[torch.Tensor], class_choices: list[torch.Tensor],
+                 noise_size: int, generator: torch.Generator) -> CodeBatch:
+    """Draw the codes of a batch of ``n`` samples following ``plan``.
+
+    fixed_codes[k]: (n_classes_k, size_k) the fixed codes T^k; class_choices[k]: (m,) int64 classes that
+    labeled fakes are drawn from, uniformly (classes with at least one labeled real sample).
+    Pairing: the j-th paired factor pairs sample i with sample i XOR 2^j, so every paired factor has its own
+    pairing and two samples sharing one factor's code differ in every other factor's code and in noise.
+    ``n`` must be divisible by 2^len(plan.paired). Random codes and noise are standard normal.
+    """
+    device = fixed_codes[0].device
+    if n % (2 ** len(plan.paired)):
+        raise FaceganError(f"batch of {n} cannot hold pairs for {len(plan.paired)} factors "
+                           f"(needs a multiple of {2 ** len(plan.paired)})")
+    index = torch.arange(n, device=device)
+    codes: list[torch.Tensor] = []
+    labels: list[torch.Tensor | None] = []
+    pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for k, table in enumerate(fixed_codes):
+        if k in plan.labeled:
+            choices = class_choices[k]
+            pick = torch.randint(len(choices), (n,), generator=generator, device=device)
+            labels.append(choices[pick])
+            codes.append(table[labels[-1]])
+            continue
+        labels.append(None)
+        code = torch.randn(n, table.shape[1], generator=generator, device=device)
+        if k in plan.paired:
+            bit = 1 << plan.paired.index(k)
+            code = code[index & ~bit]  # i and i ^ bit read the same row
+            half = index[: n // 2]
+            first = ((half // bit) * 2 * bit) + half % bit  # the indices with that bit clear, in order
+            pairs[k] = (first, first + bit)
+        codes.append(code)
+    noise = torch.randn(n, noise_size, generator=generator, device=device)
+    return CodeBatch(codes, noise, labels, pairs)
+
+
+# -------------------------------------------------------------------------------------- loss terms
+
+
+def critic_loss_d(real_scores: torch.Tensor, fake_scores: torch.Tensor) -> torch.Tensor:
+    """WGAN critic loss to minimize: E[C(fake)] - E[C(real)]; scores (B,)."""
+    return fake_scores.float().mean() - real_scores.float().mean()
+
+
+def critic_loss_g(fake_scores: torch.Tensor) -> torch.Tensor:
+    """WGAN generator loss to minimize: -E[C(fake)]."""
+    return -fake_scores.float().mean()
+
+
+def interpolate(real: torch.Tensor, fake: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x_hat = alpha * real + (1 - alpha) * fake, alpha (B,) in [0, 1] per sample."""
+    a = alpha.to(real.dtype).view(-1, 1, 1, 1)
+    return a * real + (1 - a) * fake
+
+
+def gradient_penalty(critic: Callable[[torch.Tensor], torch.Tensor], real: torch.Tensor, fake: torch.Tensor,
+                     alpha: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al.): E[(||grad_x C(x_hat)||_2 - 1)^2] over x_hat between real and fake.
+
+    critic: (B, 3, R, R) -> (B,); it should be the critic path only (shared trunk + C_real), so the double
+    backward never touches the classifier branches. Returns a differentiable scalar (create_graph=True).
+    """
+    x_hat = interpolate(real.detach(), fake.detach(), alpha).requires_grad_(True)
+    scores = critic(x_hat)
+    (grad,) = torch.autograd.grad(scores.float().sum(), x_hat, create_graph=True)
+    norm = grad.float().flatten(1).square().sum(1).add(1e-12).sqrt()  # eps: finite gradient at 0
+    return (norm - 1).square().mean()
+
+
+def class_weights(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Per-class weights for imbalanced labels (King & Zeng): w_c proportional to 1 / count_c, scaled so
+    that the mean weight over the labeled samples is 1; classes without samples get 0.
+
+    labels: (N,) int64 with -1 for missing. Returns (n_classes,) float32.
+    """
+    labeled = labels[labels >= 0]
+    counts = torch.bincount(labeled, minlength=n_classes).to(torch.float64)
+    present = counts > 0
+    weights = torch.zeros(n_classes, dtype=torch.float64)
+    weights[present] = len(labeled) / (present.sum() * counts[present])
+    return weights.to(torch.float32)
+
+
+def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Class negative log-likelihood, averaged over the labeled samples of the batch.
+
+    logits: (B, C); labels: (B,) int64, -1 = missing (skipped); weights: (C,) per-class weights or None.
+    Returns sum_i w_{y_i} * NLL_i / (number of labeled samples), 0 when none is labeled (no host sync).
+    """
+    labeled = labels >= 0
+    safe = labels.clamp_min(0)
+    nll = F.cross_entropy(logits.float(), safe, reduction="none")
+    w = labeled.to(nll.dtype) if weights is None else weights[safe] * labeled
+    return (w * nll).sum() / labeled.sum().clamp_min(1)
+
+
+def correct_and_count(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(number of labeled samples classified correctly, number of labeled samples) as float tensors."""
+    labeled = labels >= 0
+    correct = (logits.argmax(1) == labels) & labeled
+    return correct.sum().float(), labeled.sum().float()
+
+
+def feature_loss(features: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Eq. 9-10: 2/N * sum over the N/2 pairs of (1 - cos(f_first, f_second)) = mean over pairs.
+
+    features: (N, F) classifier features; first, second: (N/2,) sample indices of the pairs.
+    """
+    f = features.float()
+    return (1 - F.cosine_similarity(f[first], f[second], dim=1, eps=1e-8)).mean()
+
+
+def total_variation(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Eq. 11, anisotropic L1: sum over pixels (and channels) of |p[i+1,j] - p[i,j]| + |p[i,j+1] - p[i,j]|,
+    averaged over the batch.
+
+    Only neighbour pairs with both pixels inside the UV chart count: across the chart border the value
+    jumps to the forced 0 outside, and penalizing that would pull the border of the face to the mean.
+    Sum, not mean, over pixels: lambda_tv = 1e-4 is tuned for it (a 64x64 face sums ~2*64*64*3 terms;
+    with a mean the regularizer would be ~1e-4 times weaker than the other terms, i.e. absent).
+    images: (B, 3, R, R); mask: (R, R) bool or float.
+    """
+    x = images.float()
+    m = mask.to(x.dtype)
+    dy = (x[:, :, 1:, :] - x[:, :, :-1, :]).abs() * (m[1:, :] * m[:-1, :])
+    dx = (x[:, :, :, 1:] - x[:, :, :, :-1]).abs() * (m[:, 1:] * m[:, :-1])
+    return (dy.sum() + dx.sum()) / x.shape[0]
+
+
+# ------------------------------------------------------------------------------------------ driver
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Scalar weights of Eq. 5 and 7 and the gradient penalty."""
+
+    lambda_c: float = 0.1
+    lambda_gan: float = 1.0
+    lambda_class: float = 1.0
+    lambda_feat: float = 0.5
+    lambda_tv: float = 1e-4
+    gp_weight: float = 10.0
+
+
+Stats = dict[str, tuple[torch.Tensor, torch.Tensor | float]]  # name -> (numerator, denominator), on device
+
+
+class FaceGANLoss:
+    """The two phases of one iteration, in the spirit of stylegan2-ada's loss module.
+
+    spec: the variant; weights: loss weights; factor_names: names for the stats; real_class_weights[b]:
+    (n_classes,) class weights of classifier branch b (real data only); mask: (R, R) UV-chart mask;
+    autocast: a factory of the mixed-precision context (a no-op context for float32).
+    """
+
+    def __init__(self, spec: VariantSpec, weights: LossWeights, factor_names: list[str],
+                 real_class_weights: list[torch.Tensor], mask: torch.Tensor,
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.spec = spec
+        self.w = weights
+        self.names = factor_names
+        self.real_class_weights = real_class_weights
+        self.mask = mask
+        self.autocast = autocast
+
+    def discriminator_loss(self, d_sync: torch.nn.Module, d_plain: Discriminator, real: torch.Tensor,
+                           real_labels: list[torch.Tensor], fake: torch.Tensor,
+                           fake_labels: list[torch.Tensor | None], alpha: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+        """D phase. real, fake: (B, 3, R, R); real_labels[k]: (B,) labels of factor k (-1 = missing);
+        fake_labels[k]: labels of the fake codes (used only by AC-GAN); alpha: (B,) GP mixing weights.
+
+        d_sync is the module whose forward registers gradient synchronisation (DDP) and d_plain the bare
+        module: real and fake go through d_sync in one forward, the gradient penalty through
+        d_plain.critic, and the single backward of the returned loss reduces all gradients once.
+        """
+        spec, w = self.spec, self.w
+        n = real.shape[0]
+        n_classify = None if spec.classify_fakes_in_d else n
+        with self.autocast():
+            out = d_sync(torch.cat([real, fake.detach()]), critic=True, n_classify=n_classify)
+            gp = gradient_penalty(d_plain.critic, real, fake, alpha)
+        wgan = critic_loss_d(out.critic[:n], out.critic[n:])
+        loss = wgan + w.gp_weight * gp
+        stats: Stats = {"d_wdist": (-wgan.detach(), 1.0), "d_gp": (gp.detach(), 1.0)}
+        for b, k in enumerate(spec.classified):
+            logits = out.logits[b]
+            nll = weighted_nll(logits[:n], real_labels[k], self.real_class_weights[b])
+            loss = loss + w.lambda_c * nll
+            stats[f"d_class_{self.names[k]}"] = (nll.detach(), 1.0)
+            stats[f"d_acc_{self.names[k]}"] = correct_and_count(logits[:n].detach(), real_labels[k])
+            if spec.classify_fakes_in_d and fake_labels[k] is not None:
+                nll_fake = weighted_nll(logits[n:], fake_labels[k])
+                loss = loss + w.lambda_c * nll_fake
+                stats[f"d_class_fake_{self.names[k]}"] = (nll_fake.detach(), 1.0)
+        stats["d_loss"] = (loss.detach(), 1.0)
+        return loss, stats
+
+    def generator_loss(self, g_sync: torch.nn.Module, d_plain: Discriminator,
+                       batch: CodeBatch) -> tuple[torch.Tensor, Stats]:
+        """G phase: generate from ``batch`` with g_sync and score with d_plain (whose parameters should
+        have requires_grad off). Classification on the labeled factors, feature loss on the paired ones."""
+        spec, w = self.spec, self.w
+        labeled = [k for k in spec.classified if batch.labels[k] is not None]
+        paired = [k for k in batch.pairs if k in spec.classified]
+        branches = sorted(spec.branch_of(k) for k in set(labeled) | set(paired))
+        with self.autocast():
+            fake = g_sync(batch.z())
+            out = d_plain(fake, critic=True, branches=branches)
+        gan = critic_loss_g(out.critic)
+        loss = w.lambda_gan * gan
+        stats: Stats = {"g_gan": (gan.detach(), 1.0)}
+        for k in labeled:
+            nll = weighted_nll(out.logits[spec.branch_of(k)], batch.labels[k])
+            loss = loss + w.lambda_class * nll
+            stats[f"g_class_{self.names[k]}"] = (nll.detach(), 1.0)
+        for k in paired:
+            feat = feature_loss(out.features[spec.branch_of(k)], *batch.pairs[k])
+            loss = loss + w.lambda_feat * feat
+            stats[f"g_feat_{self.names[k]}"] = (feat.detach(), 1.0)
+        if spec.tv:
+            tv = total_variation(fake, self.mask)
+            loss = loss + w.lambda_tv * tv
+            stats["g_tv"] = (tv.detach(), 1.0)
+        stats["g_loss"] = (loss.detach(), 1.0)
+        return loss, stats

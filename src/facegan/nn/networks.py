@@ -1,0 +1,178 @@
+"""DC-GAN generator and the multi-branch discriminator of Abrevaya et al. (ICCV 2019), Fig. 2 / Sec. 5.1.
+
+Generator: z = concat(code_1, ..., code_K, noise) -> (B, 3, R, R) geometry image, tanh, zero outside the
+UV chart. Discriminator: two shared conv blocks, then one copy of the remaining blocks per branch:
+C_real (WGAN critic, one output) and one classifier per labeled factor (features of ``feature_size``,
+then a linear layer to one logit per class).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+N_SHARED_BLOCKS = 2  # conv blocks shared by all discriminator branches (paper Sec. 5.1)
+
+
+def _n_resamplings(resolution: int) -> int:
+    """Number of stride-2 stages between 4x4 and ``resolution`` (4 for 64 px, 5 for 128 px)."""
+    n = int(round(math.log2(resolution))) - 2
+    if 2 ** (n + 2) != resolution or n < N_SHARED_BLOCKS:
+        raise ValueError(f"resolution {resolution}: need a power of two >= {2 ** (N_SHARED_BLOCKS + 2)}")
+    return n
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """DC-GAN initialisation: conv/linear weights N(0, 0.02), norm scales N(1, 0.02), biases 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
+class Generator(nn.Module):
+    """G(z): latent codes -> normalized geometry images.
+
+    code_sizes: size of each factor's code, in factor order (e.g. [65, 15] for identity, expression);
+    noise_size: size of the unstructured noise (5 in the paper);
+    mask: (R, R) bool UV-chart mask; the output is forced to 0 outside it.
+    Architecture: linear to 4x4 x C, then (ConvTranspose 4x4 stride 2, BatchNorm, ReLU) blocks halving
+    the channels and doubling the size, a last ConvTranspose to 3 channels and tanh. ``base_channels`` is
+    the width of the last hidden block; widths double towards 4x4, capped at ``max_mult * base``.
+    BatchNorm is fine here: the gradient penalty only differentiates the discriminator.
+    """
+
+    def __init__(self, code_sizes: list[int], noise_size: int, mask: torch.Tensor, base_channels: int = 64,
+                 max_mult: int = 8):
+        super().__init__()
+        resolution = int(mask.shape[-1])
+        n_up = _n_resamplings(resolution)
+        self.code_sizes = list(code_sizes)
+        self.noise_size = noise_size
+        self.resolution = resolution
+        self.z_dim = sum(code_sizes) + noise_size
+        widths = [base_channels * min(2 ** (n_up - 1 - i), max_mult) for i in range(n_up)]  # at 4x4, 8x8, ...
+        self.stem = nn.Linear(self.z_dim, widths[0] * 16, bias=False)
+        self.stem_norm = nn.BatchNorm2d(widths[0])
+        blocks = []
+        for c_in, c_out in zip(widths[:-1], widths[1:]):
+            blocks += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+        self.blocks = nn.Sequential(*blocks)
+        self.to_rgb = nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1)
+        self.register_buffer("mask", mask.detach().to(torch.float32).reshape(1, 1, resolution, resolution).clone())
+        self.widths = widths
+        dcgan_init(self)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, z_dim) -> (B, 3, R, R) in [-1, 1], exactly 0 outside the chart."""
+        x = self.stem(z).view(z.shape[0], self.widths[0], 4, 4)
+        x = torch.relu(self.stem_norm(x))
+        x = self.blocks(x)  # follows the weights' memory format (channels_last after .to(memory_format=...))
+        x = torch.tanh(self.to_rgb(x))
+        return x * self.mask.to(x.dtype)
+
+    def join(self, codes: list[torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
+        """Concatenate per-factor codes (B, size_k) and noise (B, noise_size) into z (B, z_dim)."""
+        if len(codes) != len(self.code_sizes):
+            raise ValueError(f"expected {len(self.code_sizes)} codes, got {len(codes)}")
+        return torch.cat([*codes, noise], dim=1)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)  # layer norm over (C, H, W), per sample
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels)  # instance norm with affine, per sample
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown discriminator norm {kind!r}")
+
+
+def _down_block(c_in: int, c_out: int, norm: str) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm == "none"), _norm(norm, c_out), nn.LeakyReLU(0.2))
+
+
+@dataclass
+class DOutput:
+    """What a discriminator pass returns; entries not asked for are None.
+
+    critic: (B,) float WGAN critic values; logits[k]: (B, n_classes_k); features[k]: (B, feature_size),
+    the penultimate layer of classifier branch k (after its LeakyReLU). Lists are indexed by branch.
+    """
+
+    critic: torch.Tensor | None
+    logits: list[torch.Tensor | None]
+    features: list[torch.Tensor | None]
+
+
+class ClassifierHead(nn.Module):
+    """Flattened 4x4 maps -> features (feature_size, LeakyReLU) -> logits (n_classes)."""
+
+    def __init__(self, in_features: int, feature_size: int, n_classes: int):
+        super().__init__()
+        self.features = nn.Linear(in_features, feature_size)
+        self.logits = nn.Linear(feature_size, n_classes)
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = torch.nn.functional.leaky_relu(self.features(h.flatten(1)), 0.2)
+        return self.logits(f), f
+
+
+class Discriminator(nn.Module):
+    """D(x) with a shared trunk, a critic branch C_real and one classifier branch per entry of n_classes.
+
+    resolution: R of the (B, 3, R, R) input; base_channels: width of the first conv block (doubling per
+    block, capped at ``max_mult * base``); n_classes: class count of each classifier branch (may be empty);
+    norm: "layer" (default: GroupNorm(1, C), per-sample layer norm as recommended by Gulrajani et al. for
+    WGAN-GP), "instance" or "none". No batch norm: it couples the samples of a batch, which would make
+    each sample's gradient-penalty term depend on the others. The first block has no norm (DC-GAN).
+    """
+
+    def __init__(self, resolution: int, n_classes: list[int], base_channels: int = 64, feature_size: int = 2048,
+                 norm: str = "layer", max_mult: int = 8):
+        super().__init__()
+        n_down = _n_resamplings(resolution)
+        widths = [base_channels * min(2 ** i, max_mult) for i in range(n_down)]
+        self.n_classes = list(n_classes)
+        self.trunk = nn.Sequential(
+            nn.Conv2d(3, widths[0], 4, 2, 1), nn.LeakyReLU(0.2),
+            *[_down_block(widths[i - 1], widths[i], norm) for i in range(1, N_SHARED_BLOCKS)],
+        )
+
+        def branch_convs() -> nn.Sequential:
+            return nn.Sequential(*[_down_block(widths[i - 1], widths[i], norm) for i in range(N_SHARED_BLOCKS, n_down)])
+
+        flat = widths[-1] * 16
+        self.critic_convs = branch_convs()
+        self.critic_out = nn.Linear(flat, 1)
+        self.class_convs = nn.ModuleList([branch_convs() for _ in n_classes])
+        self.class_heads = nn.ModuleList([ClassifierHead(flat, feature_size, c) for c in n_classes])
+        dcgan_init(self)
+
+    def critic(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) -> (B,) critic values; the only path the gradient penalty differentiates."""
+        return self.critic_out(self.critic_convs(self.trunk(x)).flatten(1)).squeeze(1)
+
+    def forward(self, x: torch.Tensor, critic: bool = True, branches: list[int] | None = None,
+                n_classify: int | None = None) -> DOutput:
+        """Run the trunk once, then the critic on all samples (if ``critic``) and the classifier
+        ``branches`` (branch indices; None = all) on the first ``n_classify`` samples (None = all).
+
+        x: (B, 3, R, R). Returns a :class:`DOutput` (logits/features have n_classify rows).
+        """
+        h = self.trunk(x)
+        wanted = range(len(self.class_heads)) if branches is None else branches
+        logits: list[torch.Tensor | None] = [None] * len(self.class_heads)
+        features: list[torch.Tensor | None] = [None] * len(self.class_heads)
+        h_cls = h if n_classify is None else h[:n_classify]
+        for k in wanted:
+            logits[k], features[k] = self.class_heads[k](self.class_convs[k](h_cls))
+        score = self.critic_out(self.critic_convs(h).flatten(1)).squeeze(1) if critic else None
+        return DOutput(score, logits, features)

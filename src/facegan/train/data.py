@@ -1,0 +1,105 @@
+"""The training set as the GAN sees it: quantized geometry images, the UV-chart mask, factor labels."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from facegan.errors import FaceganError
+
+MISSING = -1  # label value of a sample without a label for that factor
+
+
+@dataclass
+class TrainingImages:
+    """Quantized geometry images with per-factor labels.
+
+    images: (N, H, W, 3) uint8, NHWC, H == W a power of two >= 16 (64 or 128 in practice);
+    mask: (H, W) bool, True on pixels inside the UV chart;
+    labels: factor name -> (N,) int64 class index, ``MISSING`` (-1) where unlabeled. Dict order is the
+        factor order of the latent code: "identity", "expression", then any extra factor;
+    class_names: factor name -> class names (index = class).
+    """
+
+    images: torch.Tensor
+    mask: torch.Tensor
+    labels: dict[str, torch.Tensor]
+    class_names: dict[str, list[str]]
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def resolution(self) -> int:
+        return int(self.images.shape[1])
+
+    @property
+    def factors(self) -> list[str]:
+        return list(self.labels)
+
+    @property
+    def n_classes(self) -> list[int]:
+        return [len(self.class_names[f]) for f in self.labels]
+
+    def validate(self, classified: list[int] | None = None) -> "TrainingImages":
+        """Check shapes, dtypes and label ranges; classified factors (indices) need >= 2 classes and labels.
+
+        Raises :class:`FaceganError` naming the problem. ``classified=None`` checks every factor.
+        """
+        img = self.images
+        if img.dtype != torch.uint8 or img.ndim != 4 or img.shape[3] != 3:
+            raise FaceganError(f"training images: expected (N, H, W, 3) uint8, got {tuple(img.shape)} {img.dtype}")
+        n, h, w = img.shape[:3]
+        if h != w or h < 16 or h & (h - 1):
+            raise FaceganError(f"training images: {h}x{w} pixels, need square with a power-of-two side >= 16")
+        if self.mask.shape != (h, w) or self.mask.dtype != torch.bool:
+            raise FaceganError(f"training mask: expected ({h}, {w}) bool, got {tuple(self.mask.shape)} {self.mask.dtype}")
+        if not bool(self.mask.any()):
+            raise FaceganError("training mask: no pixel inside the UV chart")
+        if not self.labels:
+            raise FaceganError("training labels: no factor (need at least 'identity')")
+        if n == 0:
+            raise FaceganError("training images: the dataset is empty")
+        for index, (factor, lab) in enumerate(self.labels.items()):
+            if factor not in self.class_names:
+                raise FaceganError(f"training labels: factor {factor!r} has no class names")
+            n_cls = len(self.class_names[factor])
+            if lab.shape != (n,) or lab.dtype != torch.int64:
+                raise FaceganError(f"training labels {factor!r}: expected ({n},) int64, got {tuple(lab.shape)} {lab.dtype}")
+            if bool(((lab < MISSING) | (lab >= n_cls)).any()):
+                raise FaceganError(f"training labels {factor!r}: class index outside [-1, {n_cls - 1}]")
+            if classified is not None and index not in classified:
+                continue
+            if n_cls < 2:
+                raise FaceganError(f"training labels {factor!r}: {n_cls} class, a classifier needs at least 2")
+            if not bool((lab != MISSING).any()):
+                raise FaceganError(f"training labels {factor!r}: no sample is labeled (all -1)")
+        return self
+
+    def fingerprint(self) -> dict:
+        """Identity of the data for resume checks: sizes, class names and a SHA-256 of images+labels."""
+        digest = hashlib.sha256()
+        digest.update(self.images.cpu().contiguous().numpy().tobytes())
+        digest.update(self.mask.cpu().numpy().tobytes())
+        for lab in self.labels.values():
+            digest.update(lab.cpu().numpy().astype(np.int64).tobytes())
+        return {"n_images": len(self), "resolution": self.resolution, "factors": self.factors,
+                "class_names": self.class_names, "sha256": digest.hexdigest()}
+
+
+def to_network(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, H, W, 3) geometry images -> float32 (B, 3, H, W) in [-1, 1] inside ``mask``, 0 outside.
+
+    The result is a channels-last view of the NHWC data (no copy beyond the float conversion).
+    """
+    x = images.float().div_(127.5).sub_(1.0)
+    x = x * mask.to(x.dtype)[None, :, :, None]
+    return x.permute(0, 3, 1, 2)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Normalized (B, 3, H, W) float -> (B, H, W, 3) uint8 (the inverse of :func:`to_network` in the chart)."""
+    return ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -1,0 +1,89 @@
+"""Generator and discriminator: shapes, the UV mask, branch structure, per-sample independence."""
+
+import pytest
+import torch
+
+from facegan.nn.networks import N_SHARED_BLOCKS, Discriminator, Generator
+
+
+def disk_mask(r: int) -> torch.Tensor:
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, r), torch.linspace(-1, 1, r), indexing="ij")
+    return xx ** 2 + yy ** 2 < 0.8
+
+
+@pytest.mark.parametrize("resolution", [16, 64])
+def test_generator_shape_range_and_mask(resolution):
+    torch.manual_seed(0)
+    mask = disk_mask(resolution)
+    g = Generator([65, 15], 5, mask, base_channels=4).eval()
+    z = torch.randn(3, g.z_dim) * 5
+    x = g(z)
+    assert g.z_dim == 85
+    assert x.shape == (3, 3, resolution, resolution)
+    assert x.abs().max() <= 1
+    assert torch.all(x[:, :, ~mask] == 0)
+    assert x[:, :, mask].abs().sum() > 0
+
+
+def test_generator_128_has_one_more_upsampling_block():
+    g64 = Generator([4, 2], 1, disk_mask(64), base_channels=4)
+    g128 = Generator([4, 2], 1, disk_mask(128), base_channels=4)
+    assert len(g128.widths) == len(g64.widths) + 1
+    assert g128(torch.randn(1, 7)).shape == (1, 3, 128, 128)
+
+
+def test_generator_any_number_of_factors():
+    g = Generator([8, 4, 3], 2, disk_mask(16), base_channels=4)
+    z = g.join([torch.randn(2, 8), torch.randn(2, 4), torch.randn(2, 3)], torch.randn(2, 2))
+    assert z.shape == (2, 17) and g(z).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError):
+        g.join([torch.randn(2, 8)], torch.randn(2, 2))
+
+
+def test_discriminator_outputs_and_branch_selection():
+    torch.manual_seed(0)
+    d = Discriminator(32, [5, 3, 4], base_channels=4, feature_size=16)
+    x = torch.randn(6, 3, 32, 32)
+    out = d(x)
+    assert out.critic.shape == (6,)
+    assert [t.shape for t in out.logits] == [(6, 5), (6, 3), (6, 4)]
+    assert all(f.shape == (6, 16) for f in out.features)
+    part = d(x, critic=False, branches=[1], n_classify=2)
+    assert part.critic is None and part.logits[0] is None and part.logits[2] is None
+    assert part.logits[1].shape == (2, 3)
+    torch.testing.assert_close(part.logits[1], out.logits[1][:2])
+    torch.testing.assert_close(d.critic(x), out.critic)
+
+
+def test_discriminator_shares_first_two_blocks_only():
+    d = Discriminator(64, [5, 3], base_channels=4, feature_size=8)
+    convs = lambda m: [l for l in m.modules() if isinstance(l, torch.nn.Conv2d)]
+    assert len(convs(d.trunk)) == N_SHARED_BLOCKS == 2
+    assert len(convs(d.critic_convs)) == 2  # 64 px: 4 stride-2 blocks in total
+    assert all(len(convs(b)) == 2 for b in d.class_convs)
+    # branches are copies, not shared modules
+    assert d.class_convs[0][0][0].weight.data_ptr() != d.class_convs[1][0][0].weight.data_ptr()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in d.modules())
+    d128 = Discriminator(128, [5], base_channels=4, feature_size=8)
+    assert len(convs(d128.critic_convs)) == 3
+
+
+@pytest.mark.parametrize("norm", ["layer", "instance", "none"])
+def test_discriminator_samples_are_independent(norm):
+    """No batch statistics: a sample's critic value does not depend on the rest of the batch (GP needs it)."""
+    torch.manual_seed(0)
+    d = Discriminator(16, [3], base_channels=4, feature_size=8, norm=norm)
+    x = torch.randn(4, 3, 16, 16)
+    together = d.critic(x)
+    alone = torch.cat([d.critic(x[i:i + 1]) for i in range(4)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_gives_same_result():
+    torch.manual_seed(0)
+    g = Generator([4, 2], 1, disk_mask(16), base_channels=4).eval()
+    d = Discriminator(16, [3], base_channels=4, feature_size=8)
+    z = torch.randn(2, 7)
+    ref = d.critic(g(z))
+    g_cl, d_cl = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(d_cl.critic(g_cl(z)), ref, rtol=1e-4, atol=1e-5)
