@@ -4,10 +4,12 @@ Conventions: orthographic projection along z; the camera looks down -z, so a lar
 to the viewer; +x points to the image's right and +y up (a front view shows the subject as a
 viewer facing them sees them: the subject's left, +x, on the image's right).
 
-The rasterizer has no per-triangle or per-pixel Python loop. Each triangle's pixel bounding box is
-enumerated exactly (``repeat_interleave`` over the box sizes), candidate pixels are tested with
-barycentric coordinates, and the z-buffer is resolved with a single ``scatter_reduce("amax")`` over
-an int64 key packing (depth, triangle id): the nearest triangle wins, ties go to the lowest id.
+The rasterizer has no per-triangle or per-pixel Python loop. Triangles are sorted into a few
+classes by the size of their pixel bounding box (rounded up to 1, 2, 3, 4, 6, 8, 12, ... pixels);
+per class, the barycentrics and depth of every candidate pixel of every triangle come out of one
+small matrix product (T, 3, 3) @ (3, K), and the covered candidates go into the z-buffer with a
+single ``scatter_reduce("amax")`` over an int64 key packing (depth, triangle id): the nearest
+triangle wins, exact ties go to the lower id. Only the covered pixels are stored and shaded.
 """
 
 from __future__ import annotations
@@ -31,8 +33,10 @@ __all__ = [
     "fit_view",
     "rasterize",
     "interpolate",
+    "face_normals",
     "vertex_normals",
     "shade",
+    "to_uint8",
     "render_meshes",
     "rotate_y",
     "colormap",
@@ -411,8 +415,7 @@ def _shade_packed(
     two_sided: bool,
 ) -> Tensor:
     """Colours (3, P) in [0, 1] of the covered pixels (see :func:`shade`)."""
-    if mode not in ("shaded", "normals", "colors"):
-        raise ValueError(f"unknown render mode {mode!r} (use 'shaded', 'normals' or 'colors')")
+    _check_mode(mode)
     normals = _pixel_normals(fragments, vertices, triangles, two_sided)
     if mode == "normals":
         return normals.add_(1).mul_(0.5).clamp_(0, 1)
@@ -424,10 +427,17 @@ def _shade_packed(
         if vertex_colors is None:
             raise ValueError("mode 'colors' needs vertex_colors (B, V, 3)")
         colors = torch.as_tensor(vertex_colors).detach().cpu().float()
+        if colors.shape[-1] != 3 or colors.shape[-2] != vertices.shape[1]:
+            raise ValueError(f"vertex_colors must be (B, V, 3) or (V, 3), got {tuple(colors.shape)}")
         if colors.dim() == 2:
             colors = colors[None].expand(fragments.shape[0], -1, -1)
         albedo = _interpolate_packed(fragments, triangles, colors)
     return (albedo * intensity).clamp_(0, 1)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in ("shaded", "normals", "colors"):
+        raise ValueError(f"unknown render mode {mode!r} (use 'shaded', 'normals' or 'colors')")
 
 
 def _compose(fragments: Fragments, colors: Tensor, background: float | Sequence[float]) -> Tensor:
@@ -498,6 +508,7 @@ def render_meshes(
     ``supersample`` = k renders at k times the size and averages k x k blocks (anti-aliasing for
     figures; keep 1 for metrics).
     """
+    _check_mode(mode)
     vertices, triangles = _prepare(vertices, triangles)
     h, w = _size_hw(size)
     k = int(supersample)
@@ -555,7 +566,10 @@ def geometry_image_to_rgb(
         x = x[None]
     if x.shape[-1] != 3 and x.shape[1] == 3:
         x = x.permute(0, 2, 3, 1)
-    m = torch.ones(x.shape[1:3], dtype=torch.bool) if mask is None else torch.as_tensor(np.asarray(mask), dtype=torch.bool)
+    if mask is None:
+        m = torch.ones(x.shape[1:3], dtype=torch.bool)
+    else:
+        m = torch.as_tensor(np.asarray(mask), dtype=torch.bool)
     valid = m[None, :, :, None] & torch.isfinite(x)
     dims = (1, 2) if per_image else (0, 1, 2)
     lo = torch.where(valid, x, math.inf).amin(dim=dims, keepdim=True)
