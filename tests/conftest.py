@@ -79,19 +79,8 @@ def write_ply(path: Path, vertices, triangles, binary: bool = False) -> Path:
 
 
 @pytest.fixture
-def plane():
-    return grid_plane()
-
-
-@pytest.fixture
 def cap():
     return sphere_cap()
-
-
-@pytest.fixture
-def plane_template() -> Template:
-    v, f, uv = grid_plane()
-    return Template(v, f, uv).validate()
 
 
 @pytest.fixture

@@ -6,10 +6,16 @@ import pytest
 import trimesh
 
 from facegan.errors import FaceganError
+from facegan.mesh.io import read_mesh_vertices, read_obj, write_mesh
 from facegan.mesh.operators import uv_signed_areas
 from facegan.mesh.template import Template, load_template, parameterize
 
 from conftest import grid_plane, sphere_cap, write_obj
+
+
+def write_text(path, text):
+    path.write_text(text)
+    return path
 
 
 def assert_valid_chart(t: Template):
@@ -211,3 +217,65 @@ def test_non_manifold_edge_is_not_disk_shaped():
     f = np.array([[0, 1, 2], [1, 0, 3], [0, 1, 4]])  # edge 0-1 shared by three triangles
     with pytest.raises(FaceganError, match="non-manifold"):
         parameterize(v, f)
+
+
+# ---- mesh files ------------------------------------------------------------------------------------
+
+
+def test_read_obj_face_corner_forms(tmp_path):
+    text = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 1 1 0\nvt 0 0\nvt 1 0\nvt 0 1\nvt 1 1\nvn 0 0 1\n"
+    text += "f 1/1/1 2/2/1 3/3/1\nf -3/-3 -1/-1 -2/-2\n"
+    t = load_template(write_text(tmp_path / "forms.obj", text))
+    np.testing.assert_array_equal(t.triangles, [[0, 1, 2], [1, 3, 2]])
+    np.testing.assert_allclose(t.uv, [[0, 0], [1, 0], [0, 1], [1, 1]])
+    obj = read_obj(write_text(tmp_path / "normals.obj", "v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1//1 2//1 3//1\n"))
+    assert obj.polygons[0].tolist() == [[0, -1], [1, -1], [2, -1]]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 4\n", "vertex that does not exist"),
+        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0 0\nf 1/1 2/2 3/1\n", "texture coordinate that does not exist"),
+        ("v 0 0 0\nv 1 0 zero\nv 0 1 0\nf 1 2 3\n", "malformed OBJ near line 2"),
+        ("v 0 0 0\nv 1 0 0\nv 0 1\nv 1 1 0\n", "near line 3 \\(2 numbers where 3 are needed"),
+        ("v 0 0\nv 1 0\nv 0 1\n", "near line 1"),  # 6 numbers: not two vertices
+        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nvt 0\nvt 1\n", "near line 4"),
+        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\nf 1 2\n", "near line 5 \\(a face with 2 corners"),  # truncated face
+        ("v 0 0 0\nv 1 0 0\nv 0 1 0\nf 1 2 3\nf \n", "near line 5"),
+    ],
+    ids=["vertex-index", "vt-index", "bad-number", "short-vertex", "2d-vertices", "1d-uv", "short-face", "empty-face"],
+)
+def test_malformed_obj_is_an_error_naming_the_file(tmp_path, text, message):
+    path = write_text(tmp_path / "bad.obj", text)
+    with pytest.raises(FaceganError, match=message) as err:
+        read_obj(path)
+    assert str(path) in str(err.value)
+
+
+@pytest.mark.parametrize("suffix", [".obj", ".ply"])
+def test_write_mesh_round_trip_and_checks(tmp_path, suffix):
+    v, f, uv = sphere_cap()
+    path = tmp_path / f"m{suffix}"
+    write_mesh(path, v, f, uv=uv if suffix == ".obj" else None)
+    np.testing.assert_allclose(read_mesh_vertices(path, len(v)), v, atol=1e-5)
+    with pytest.raises(FaceganError, match=f"{len(v)} vertices, the template has {len(v) + 1}"):
+        read_mesh_vertices(path, len(v) + 1)
+    bad = v.copy()
+    bad[[2, 7], 0] = [np.nan, np.inf]
+    write_mesh(tmp_path / f"nan{suffix}", bad, f)
+    with pytest.raises(FaceganError, match="2 vertices have NaN or infinite coordinates"):
+        read_mesh_vertices(tmp_path / f"nan{suffix}")
+
+
+def test_mesh_file_errors(tmp_path):
+    v, f, _ = sphere_cap()
+    with pytest.raises(FaceganError, match="unknown mesh format"):
+        write_mesh(tmp_path / "m.stl", v, f)
+    assert list(tmp_path.iterdir()) == [], "nothing half-written"
+    with pytest.raises(FaceganError, match="not a mesh file"):
+        read_mesh_vertices(write_text(tmp_path / "m.txt", "v 0 0 0\n"))
+    with pytest.raises(FaceganError, match="no vertices"):
+        read_mesh_vertices(write_text(tmp_path / "empty.obj", "# nothing\n"))
+    with pytest.raises(FaceganError, match="file not found"):
+        read_mesh_vertices(tmp_path / "missing.ply")

@@ -16,6 +16,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 DEFAULT_DATA = Path("data/ict-small")
 
 
+def _progress() -> bool:
+    """Progress bars only on a terminal: piped or logged stderr keeps just the final error line."""
+    return sys.stderr.isatty()
+
+
 @app.command()
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to create."),
@@ -43,7 +48,7 @@ def ingest(
     """Make a dataset from a folder of registered meshes in the template's topology."""
     from facegan.data.ingest import ingest as run
 
-    ds = run(mesh_dir, template, out, labels, test_fraction, seed)
+    ds = run(mesh_dir, template, out, labels, test_fraction, seed, progress=_progress())
     typer.echo(f"wrote {out}: {len(ds)} meshes, {ds.info['counts']}")
 
 
@@ -59,7 +64,7 @@ def encode(
     from facegan.geometry_image import DEFAULT_ALPHA
 
     ds = open_dataset(data)
-    codec = encode_dataset(ds, resolution, DEFAULT_ALPHA if alpha is None else alpha)
+    codec = encode_dataset(ds, resolution, DEFAULT_ALPHA if alpha is None else alpha, progress=_progress())
     typer.echo(f"encoded {len(ds)} meshes at {resolution}px into {data / 'images'} ({int(codec.mask.sum())} chart pixels)")
 
 

@@ -31,6 +31,8 @@ def encode_dataset(
     """
     if resolution not in ALLOWED_RESOLUTIONS:
         raise FaceganError(f"resolution {resolution} not supported (use {', '.join(map(str, ALLOWED_RESOLUTIONS))})")
+    if not alpha > 0:
+        raise FaceganError(f"alpha {alpha} not supported: the Laplacian weight must be positive")
     train = ds.split("train")
     if len(train) == 0:
         raise FaceganError(f"{ds.root}: no training meshes to compute the mean face from")
@@ -68,6 +70,11 @@ def load_codec(ds: RegisteredDataset, resolution: int = 64) -> GeometryImageCode
     meta = read_json(meta_path)
     mean = np.load(npy.parent / "mean.npy", allow_pickle=False)
     return GeometryImageCodec(ds.template, mean, int(meta["resolution"]), np.array(meta["value_range"]), float(meta["alpha"]))
+
+
+def encoded_resolutions(ds: RegisteredDataset) -> list[int]:
+    """The resolutions at which the dataset's geometry images are cached."""
+    return [r for r in ALLOWED_RESOLUTIONS if _paths(ds, r)[1].exists()]
 
 
 def load_images(ds: RegisteredDataset, resolution: int = 64) -> np.ndarray:

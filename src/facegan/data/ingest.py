@@ -89,12 +89,17 @@ def ingest(
 def _read_label_file(path: Path, ids: list[str]) -> dict[str, list[str]]:
     """Label columns aligned with ``ids`` from a CSV naming meshes by ``mesh_id`` or ``file``."""
     try:
-        rows = list(csv.DictReader(path.read_text().splitlines()))
+        lines = list(csv.reader(path.read_text().splitlines()))
     except FileNotFoundError:
         raise FaceganError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise FaceganError(f"{path}: unreadable labels file ({exc})") from None
-    header = set(rows[0].keys()) if rows else set()
+    names = lines[0] if lines else []
+    ragged = [n for n, r in enumerate(lines[1:], 2) if r and len(r) != len(names)]
+    if ragged:
+        raise FaceganError(f"{path}: line {ragged[0]} has a different number of cells than the header")
+    rows = [dict(zip(names, r)) for r in lines[1:] if r]
+    header = set(names)
     unknown = sorted(header - LABEL_COLUMNS)
     if unknown:
         raise FaceganError(f"{path}: unknown column(s) {', '.join(unknown)} (known: {', '.join(sorted(LABEL_COLUMNS))})")

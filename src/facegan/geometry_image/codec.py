@@ -8,11 +8,13 @@ in [-1, 1], zero outside the mask). Layout is NHWC everywhere (torch's channels-
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 
 from facegan.errors import FaceganError
@@ -26,8 +28,8 @@ RANGE_HEADROOM = 0.05
 PAPER_ALPHA = 1.2
 # Our default: measured best for uint8 64 px images of ICT faces (benchmarks/bench_roundtrip.py).
 DEFAULT_ALPHA = 0.1
-# Meshes per gather in encode(): small enough that a chunk's vertices stay in cache.
-_ENCODE_CHUNK = 32
+# Meshes per sparse product in encode(): small enough that a chunk's vertices stay in cache.
+_ENCODE_CHUNK = 8
 
 
 @dataclass(eq=False)
@@ -84,11 +86,28 @@ class GeometryImageCodec:
         return self.pixel_map.mask
 
     @cached_property
-    def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per mask pixel, its triangle's 3 vertex indices (P, 3) and barycentric weights (P, 3)."""
+    def _interpolation(self) -> torch.Tensor:
+        """Sparse CSR (H*W, V): row = pixel, barycentric weights on its triangle's vertices; empty
+        rows outside the mask, so a product fills whole images with no scatter."""
         pm = self.pixel_map
-        verts = torch.from_numpy(self.template.triangles[pm.triangle])
-        return verts, torch.from_numpy(pm.barycentric.astype(np.float32))
+        full = sp.csr_matrix(
+            (np.ones(len(pm.pixels)), (pm.pixels, np.arange(len(pm.pixels)))),
+            shape=(self.resolution**2, len(pm.pixels)),
+        ) @ pm.interpolation_matrix(self.template.triangles, self.template.n_vertices)
+        full = full.astype(np.float32).tocsr()
+        with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"; it is used plainly here
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_csr_tensor(
+                torch.from_numpy(full.indptr.astype(np.int64)),
+                torch.from_numpy(full.indices.astype(np.int64)),
+                torch.from_numpy(full.data),
+                size=full.shape,
+            )
+
+    @cached_property
+    def _mean_image(self) -> torch.Tensor:
+        """(H*W, 3) the mean face interpolated at every pixel (0 outside the mask)."""
+        return self._interpolation @ torch.from_numpy(self.mean).to(torch.float32)
 
     @cached_property
     def dense(self) -> DenseReconstructor:
@@ -99,25 +118,16 @@ class GeometryImageCodec:
         """Float geometry images (N, H, W, 3) in mm of meshes (N, V, 3) in mm; 0 outside the mask."""
         verts = meshes if torch.is_tensor(meshes) else torch.from_numpy(np.require(meshes, requirements=["C", "W"]))
         verts = verts.to(torch.float32)
-        idx, w = self._gather
-        out = verts.new_zeros(len(verts), self.resolution * self.resolution, 3)
-        values = out[:, : len(idx)]  # scratch of the right shape, overwritten chunk by chunk
-        mean_px = self._mean_pixels
-        # Small chunks keep each gather in cache; three weighted gathers, no (N, P, 3, 3) temporary.
+        n_vertices = verts.shape[1]
+        interp, mean_img = self._interpolation, self._mean_image
+        out = verts.new_empty(len(verts), self.resolution**2, 3)
+        # A few meshes per sparse product: their vertices, laid out (V, 3n), stay in cache.
         for start in range(0, len(verts), _ENCODE_CHUNK):
             x = verts[start : start + _ENCODE_CHUNK]
-            v = values[start : start + _ENCODE_CHUNK]
-            torch.mul(x[:, idx[:, 0]], w[:, 0, None], out=v)
-            v.addcmul_(x[:, idx[:, 1]], w[:, 1, None]).addcmul_(x[:, idx[:, 2]], w[:, 2, None]).sub_(mean_px)
-        out[:, torch.from_numpy(self.pixel_map.pixels)] = values.clone()
+            n = len(x)
+            pixels = interp @ x.permute(1, 0, 2).reshape(n_vertices, 3 * n)  # (H*W, 3n)
+            torch.sub(pixels.view(-1, n, 3).permute(1, 0, 2), mean_img, out=out[start : start + n])
         return out.view(len(verts), self.resolution, self.resolution, 3)
-
-    @cached_property
-    def _mean_pixels(self) -> torch.Tensor:
-        """(P, 3) the mean face at the mask pixels (interpolation is linear, so subtract after)."""
-        idx, w = self._gather
-        mean = torch.from_numpy(self.mean).to(torch.float32)
-        return (mean[idx] * w[:, :, None]).sum(dim=1)
 
     def fit_range(self, batches: Iterable[torch.Tensor]) -> np.ndarray:
         """Set the quantization range from float images (batches of (N, H, W, 3), e.g. the whole

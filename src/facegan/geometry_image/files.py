@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from facegan.data.dataset import open_dataset
-from facegan.data.encode import load_codec
+from facegan.data.encode import encoded_resolutions, load_codec
 from facegan.errors import FaceganError
 from facegan.fileio import atomic_path
 from facegan.geometry_image.roundtrip import MARKDOWN_HEADER, roundtrip_table, test_meshes
@@ -39,7 +39,7 @@ def read_image_file(path: Path, resolution: int) -> tuple[torch.Tensor, bool]:
         if suffix == ".npy":
             array, quantized = np.load(path, allow_pickle=False).astype(np.float32), False
         elif suffix == ".png":
-            array, quantized = np.asarray(Image.open(path).convert("RGB")), True
+            array, quantized = np.array(Image.open(path).convert("RGB")), True
         else:
             raise FaceganError(f"{path}: unknown image format (use .png or .npy)")
     except FileNotFoundError:
@@ -55,6 +55,10 @@ def image_file_to_mesh(image: Path, data: Path, out: Path, method: str = "dense"
     """Reconstruct a mesh from a geometry image file with the dataset's codec (resolution from the file)."""
     ds = open_dataset(data)
     side = _image_side(image)
+    encoded = encoded_resolutions(ds)
+    if encoded and side not in encoded:
+        sizes = " or ".join(f"{r}x{r}" for r in encoded)
+        raise FaceganError(f"{image}: image is {side} pixels high, the dataset's geometry images are {sizes}")
     codec = load_codec(ds, side)
     pixels, quantized = read_image_file(image, codec.resolution)
     floats = codec.dequantize(pixels) if quantized else pixels

@@ -46,9 +46,9 @@ def read_obj(path: str | os.PathLike) -> ObjData:
     try:
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.startswith("v "):
-                verts.append(line.split()[1:4])
+                verts.append((lineno, line.split()[1:4]))
             elif line.startswith("vt "):
-                uvs.append(line.split()[1:3])
+                uvs.append((lineno, line.split()[1:3]))
             elif line.startswith("f "):
                 corners = []
                 for c in line.split()[1:]:
@@ -56,11 +56,13 @@ def read_obj(path: str | os.PathLike) -> ObjData:
                     vi = int(parts[0])
                     ti = int(parts[1]) if len(parts) > 1 and parts[1] else 0
                     corners.append((vi, ti))
+                if len(corners) < 3:
+                    raise ValueError(f"a face with {len(corners)} corners")
                 polys.append(corners)
-        vertices = np.array(verts, dtype=np.float64).reshape(-1, 3)
-        uv = np.array(uvs, dtype=np.float64).reshape(-1, 2)
     except ValueError as exc:
         raise FaceganError(f"{path}: malformed OBJ near line {lineno} ({exc})") from None
+    vertices = _number_rows(verts, 3, path)
+    uv = _number_rows(uvs, 2, path)
     polygons = []
     for corners in polys:
         arr = np.array(corners, dtype=np.int64)
@@ -76,6 +78,26 @@ def read_obj(path: str | os.PathLike) -> ObjData:
         if len(with_uv) and with_uv.max() >= len(uv):
             raise FaceganError(f"{path}: a face refers to a texture coordinate that does not exist")
     return ObjData(vertices, uv, polygons)
+
+
+def _number_rows(rows: list[tuple[int, list[str]]], width: int, path: Path) -> np.ndarray:
+    """(line number, cells) rows of ``width`` numbers as a (K, width) float64 array."""
+    if not rows:
+        return np.zeros((0, width))
+    try:
+        array = np.array([cells for _, cells in rows], dtype=np.float64)
+        if array.shape == (len(rows), width):
+            return array
+    except ValueError:
+        pass
+    for lineno, cells in rows:  # only to name the first bad line
+        try:
+            if len(cells) != width:
+                raise ValueError(f"{len(cells)} numbers where {width} are needed")
+            [float(c) for c in cells]
+        except ValueError as exc:
+            raise FaceganError(f"{path}: malformed OBJ near line {lineno} ({exc})") from None
+    raise FaceganError(f"{path}: malformed OBJ")
 
 
 def triangulate(polygons: list[np.ndarray]) -> np.ndarray:
@@ -109,6 +131,8 @@ def read_mesh_vertices(path: str | os.PathLike, n_vertices: int | None = None) -
 def _read_ply_vertices(path: Path) -> np.ndarray:
     import trimesh
 
+    if not path.is_file():
+        raise FaceganError(f"{path}: file not found")
     try:
         loaded = trimesh.load(path, file_type="ply", process=False, maintain_order=True)
     except FileNotFoundError:
@@ -118,7 +142,20 @@ def _read_ply_vertices(path: Path) -> np.ndarray:
     vertices = getattr(loaded, "vertices", None)
     if vertices is None:
         raise FaceganError(f"{path}: no vertices (empty or truncated mesh)")
+    _check_ascii_ply_complete(path)
     return np.asarray(vertices, dtype=np.float64)
+
+
+def _check_ascii_ply_complete(path: Path) -> None:
+    """trimesh checks a binary PLY's length but reads a truncated ASCII one silently: compare its
+    data lines (one per element) with the element counts its header declares."""
+    head, _, body = path.read_bytes().partition(b"end_header")
+    if b"format ascii" not in head:
+        return
+    declared = sum(int(line.split()[2]) for line in head.splitlines() if line.startswith(b"element "))
+    found = sum(1 for line in body.splitlines() if line.strip())
+    if found < declared:
+        raise FaceganError(f"{path}: truncated PLY ({found} of {declared} element lines)")
 
 
 def write_mesh(
