@@ -139,6 +139,43 @@ def demo(
     print_roundtrip(data, [64], 175, echo=typer.echo)
 
 
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="Dataset folder (encoded on first use)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (config, logs, samples, checkpoints, model)."),
+    profile: str = typer.Option("small", help="small (2 CPU cores, <= 2 h) or paper (GPU, the paper's widths)."),
+    variant: Optional[str] = typer.Option(None, help="full, acgan, no-alternate, no-tv, no-feature or id-only."),
+    epochs: Optional[int] = typer.Option(None, help="Number of epochs (overrides the profile)."),
+    config: Optional[Path] = typer.Option(None, help="TOML file of config values."),
+    set_: List[str] = typer.Option([], "--set", help="key=value config override (repeatable)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out exactly where it stopped."),
+    resolution: int = typer.Option(64, help="Geometry image side (64 or 128)."),
+) -> None:
+    """Train the adversarial face model (works under torchrun for several processes)."""
+    from facegan.train.prepare import run_training
+
+    path = run_training(data, out, profile, variant, epochs, config, set_, resume, resolution)
+    typer.echo(f"model written to {path}")
+
+
+@app.command()
+def sample(
+    n: int = typer.Option(16, "--n", help="Number of samples (of groups, with --fix)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    run: Optional[Path] = typer.Option(None, help="Run folder or model file (default: the shipped model)."),
+    fix: Optional[str] = typer.Option(None, help="Factor whose code each group of --m samples shares (identity, expression)."),
+    m: int = typer.Option(1, "--m", help="Samples per group, with --fix."),
+    format: str = typer.Option("obj", "--format", help="obj, ply or npz."),
+    seed: int = typer.Option(0, help="Random seed."),
+    method: str = typer.Option("dense", help="Reconstruction: dense (Laplacian) or sparse."),
+) -> None:
+    """Sample faces: meshes, codes.json and a grid.png."""
+    from facegan.sampling import load, sample_to_files
+
+    sample_to_files(load(run), n, out, fix, m, format, seed, method)
+    typer.echo(f"wrote {out}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1, never a traceback."""
     try:

@@ -32,6 +32,13 @@ def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], m
     header = {"format": FORMAT, "version": str(FORMAT_VERSION), "facegan": json.dumps(meta)}
     with atomic_path(path) as tmp:
         save_file(flat, str(tmp), metadata=header)
+        tmp.chmod(0o666 & ~_umask())  # safetensors creates files 0600; give them the usual permissions
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -129,3 +136,10 @@ def load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, t
         opt.load_state_dict({"state": state, "param_groups": restored})
     except (ValueError, KeyError, RuntimeError) as exc:
         raise FaceganError(f"{source}: {prefix} does not match the optimizer ({_one_line(exc)})") from None
+    # Saved state is contiguous; give it back each parameter's strides (e.g. channels_last), because
+    # fused/foreach kernels walk parameter and state memory in lockstep.
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
+                    opt.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)

@@ -227,7 +227,7 @@ class Trainer:
         if env.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.G_sync = torch.nn.parallel.DistributedDataParallel(self.G, device_ids=ids)
-            self.D_sync = torch.nn.parallel.DistributedDataParallel(self.D, device_ids=ids, broadcast_buffers=False)
+            self.D_sync = torch.nn.parallel.DistributedDataParallel(self.D, device_ids=ids)  # D has no buffers
         self.loss = FaceGANLoss(self.spec, LossWeights(cfg.lambda_c, cfg.lambda_gan, cfg.lambda_class, cfg.lambda_feat,
                                                        cfg.lambda_tv, cfg.gp_weight),
                                 self.factors, real_weights, self.mask, make_autocast(cfg.amp, self.device))
@@ -432,7 +432,8 @@ class Trainer:
         s = self.cfg.sample_grid
         fake = self.G_ema(self.grid_codes.z())
         folder = self.run_dir / "samples"
-        write_png(folder / f"epoch{epoch:04d}.png", tile(to_uint8(fake).numpy(), s, s))
+        pixels = to_uint8(fake) * self.mask.cpu()[None, :, :, None]  # 0 outside the chart, like the data
+        write_png(folder / f"epoch{epoch:04d}.png", tile(pixels.numpy(), s, s))
         if self.preview is not None:
             # a sub-grid: rendering meshes is slower than the training step it interrupts
             m = min(s, 4)
@@ -501,9 +502,11 @@ class Trainer:
                                          "W": f"{values.get('d_wdist', 0):.3f}", "img/s": f"{rate:.0f}"}, refresh=False)
                     last_time, last_iter = now, self.iteration
                 epoch_end = self.iteration % self.iters_per_epoch == 0
-                if epoch_end:
-                    self.write_samples(self.iteration // self.iters_per_epoch)
-                if epoch_end or finished or self.iteration % cfg.ckpt_every_iters == 0:
+                epoch_done = self.iteration // self.iters_per_epoch
+                if epoch_end and (epoch_done % cfg.sample_every_epochs == 0 or finished):
+                    self.write_samples(epoch_done)
+                if ((epoch_end and epoch_done % cfg.ckpt_every_epochs == 0) or finished
+                        or self.iteration % cfg.ckpt_every_iters == 0):
                     self.save_checkpoint()
                     wrote_ckpt_at = self.iteration
                 if _after_iteration is not None:

@@ -1,0 +1,151 @@
+"""Throughput of one training iteration (3 D steps + 1 G step, batch 64, 64 px) and its share of peak FLOP/s.
+
+For the ``small`` profile widths and the paper widths, the iteration is timed in steps from plain float32
+to the optimized path, so each change's gain shows:
+
+  fp32             float32, contiguous tensors, Adam with for-loop updates (foreach=False)
+  +channels_last   float32, channels-last convolutions
+  +fused_adam      ... and fused Adam
+  +bf16 (opt)      ... and bfloat16 autocast (the default ``small`` setting)
+
+FLOPs of an iteration are counted once with torch.utils.flop_counter.FlopCounterMode (forward, backward
+and the gradient penalty's double backward). Times are the fastest of ``--iters`` rounds, the settings
+interleaved. The peak is the best of a large matmul and a large convolution, measured in the same run at
+the same precision. Images/s counts the real images D consumes: batch * d_steps per iteration.
+
+    python benchmarks/bench_train_step.py            # both widths, ~4 minutes on 2 cores
+    python benchmarks/bench_train_step.py --widths 32 --iters 5
+    python benchmarks/bench_train_step.py --threads 1   # on a shared, oversubscribed machine (see below)
+
+On a machine whose cores are shared with other busy processes, OpenMP's 2-thread barriers stall
+whenever one thread is descheduled (measured: 5.5 s/iteration at 1 thread vs 19-51 s at 2 threads at
+load 6); compare settings at --threads 1 there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from facegan.train.config import make_config
+from facegan.train.data import TrainingImages
+from facegan.train.loop import DistEnv, Trainer, epoch_permutation
+
+MODES = {  # name -> (amp, channels_last, fused Adam)
+    "fp32": ("none", False, False),
+    "+channels_last": ("none", True, False),
+    "+fused_adam": ("none", True, True),
+    "+bf16 (opt)": ("bf16", True, True),
+}
+
+
+def synthetic_data(n: int, resolution: int = 64, n_id: int = 300, n_exp: int = 7) -> TrainingImages:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, resolution, resolution, 3), dtype=torch.uint8, generator=g)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, resolution), torch.linspace(-1, 1, resolution), indexing="ij")
+    expression = torch.randint(0, n_exp, (n,), generator=g)
+    expression[torch.rand(n, generator=g) > 0.07] = -1  # the paper's 7% expression labels
+    return TrainingImages(images, xx ** 2 + yy ** 2 < 0.9,
+                          {"identity": torch.arange(n) % n_id, "expression": expression},
+                          {"identity": [str(i) for i in range(n_id)], "expression": [str(i) for i in range(n_exp)]})
+
+
+def make_trainer(data: TrainingImages, width: int, mode: str, run_dir: Path) -> Trainer:
+    amp, channels_last, fused = MODES[mode]
+    cfg = make_config("small", overrides=[f"g_channels={width}", f"d_channels={width}", f"amp={amp}",
+                                          f"channels_last={channels_last}", "progress=false"])
+    trainer = Trainer(data, cfg, run_dir, False, None, None, DistEnv())
+    if not fused:  # swap in the plain for-loop Adam
+        for name in ("opt_G", "opt_D"):
+            net = trainer.G if name == "opt_G" else trainer.D
+            setattr(trainer, name, torch.optim.Adam(net.parameters(), lr=2e-4, betas=(0.5, 0.999), foreach=False))
+    return trainer
+
+
+def time_round_robin(trainers: dict[str, Trainer], rounds: int) -> dict[str, float]:
+    """Fastest iteration of each trainer over ``rounds`` rounds, the settings interleaved so that a burst of
+    load from other processes hits all of them alike (the minimum is the least disturbed measurement)."""
+    perm = epoch_permutation(0, 0, len(next(iter(trainers.values())).images))
+    best = {}
+    for trainer in trainers.values():
+        trainer.train_iteration(perm)  # warm-up (oneDNN primitive creation)
+    for _ in range(rounds):
+        for mode, trainer in trainers.items():
+            start = time.perf_counter()
+            trainer.train_iteration(perm)
+            best[mode] = min(best.get(mode, float("inf")), time.perf_counter() - start)
+    return best
+
+
+class _GlobalOnly:
+    """Stand-in for FlopCounterMode's module tracker, whose backward hooks refuse autograd.grad (the GP)."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
+def count_flops(trainer: Trainer) -> int:
+    perm = epoch_permutation(0, 0, len(trainer.images))
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _GlobalOnly()  # totals only; per-module attribution is not needed
+    with counter:
+        trainer.train_iteration(perm)
+    return counter.get_total_flops()
+
+
+def measured_peak(dtype: torch.dtype, reps: int = 5) -> float:
+    """Best FLOP/s of a 4096^2 matmul and a 3x3 convolution (256 channels, 16x16, batch 64) at ``dtype``."""
+    n = 4096
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    x = torch.randn(64, 256, 16, 16).to(dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
+    best = 0.0
+    for op, flops in ((lambda: a @ b, 2 * n ** 3), (lambda: torch.conv2d(x, w, padding=1), 2 * 64 * 256 * 256 * 9 * 256)):
+        op()
+        start = time.perf_counter()
+        for _ in range(reps):
+            op()
+        best = max(best, flops * reps / (time.perf_counter() - start))
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--widths", type=int, nargs="+", default=[32, 64], help="G/D base channels (32 = small, 64 = paper)")
+    parser.add_argument("--iters", type=int, default=3, help="timed iterations per setting")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, one per core)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    data = synthetic_data(64 * 3 * (args.iters + 2))
+    peaks = {"fp32": measured_peak(torch.float32), "bf16": measured_peak(torch.bfloat16)}
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak (matmul/conv): "
+          f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"{'width':>5} {'setting':<15} {'s/iter':>7} {'img/s':>6} {'GFLOP/it':>9} {'GFLOP/s':>8} {'of peak':>8} {'speedup':>8}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for width in args.widths:
+            trainers = {mode: make_trainer(data, width, mode, Path(tmp) / f"{width}{mode}") for mode in MODES}
+            flops = count_flops(next(iter(trainers.values())))
+            seconds = time_round_robin(trainers, args.iters)
+            base = seconds["fp32"]
+            for mode, sec in seconds.items():
+                peak = peaks["bf16" if MODES[mode][0] == "bf16" else "fp32"]
+                achieved = flops / sec
+                print(f"{width:>5} {mode:<15} {sec:>7.3f} {64 * 3 / sec:>6.0f} {flops / 1e9:>9.1f} "
+                      f"{achieved / 1e9:>8.1f} {achieved / peak:>8.1%} {base / sec:>7.2f}x", flush=True)
+            del trainers
+
+
+if __name__ == "__main__":
+    main()

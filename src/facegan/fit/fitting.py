@@ -1,0 +1,627 @@
+"""Model fitting (Section 4.2, Eq. 12): the latent codes that best explain registered meshes.
+
+For input meshes v (B, V, 3) in mm we minimize, independently for every face b,
+
+    E_b(z_b) = sum_i w_bi * ||v~_i(z_b) - v_bi||_2  +  lambda * ||z_b||^2          (Eq. 12)
+
+where z_b = (code_1, ..., code_K, noise) of face b, v~_i(z) = mean_i + the bilinear read of the
+geometry image G(z) (converted to mm) at vertex i's UV position, w_bi = 1 for the vertices that
+enter the data term (all by default; a vertex mask selects e.g. the front of the face), and
+lambda = 1e-4 (the paper's value). The data term is a sum of per-vertex Euclidean norms, not
+squared ones, as in the paper (torch's norm has the zero subgradient at a zero residual).
+
+The whole batch is optimized at once by Adam from random starts z ~ N(0, I). The faces never
+interact: the batch objective is sum_b E_b, each z_b only receives the gradient of its own E_b,
+Adam is element-wise and G runs in eval mode (BatchNorm with running statistics), so fitting a
+batch gives the same codes as fitting its faces one by one with the same starts.
+
+Faces whose fit diverged or got stuck are detected after the run and restarted from a new random
+start (see :class:`FitOptions` for the rule); a restart only replaces a face's result if it is better.
+
+Speed (2 CPU cores): the generator's BatchNorm layers are folded into the preceding layers (G is
+frozen), the bilinear read is one sparse matrix product per pass (forward and backward) instead of
+gathers and scatter-adds, convolutions run channels-last in bf16 autocast, and the loop never
+synchronizes with the host. See docs/fitting.md for the measurements behind the defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+import warnings
+import weakref
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from facegan.errors import FaceganError
+from facegan.geometry_image import GeometryImageCodec
+from facegan.model import FaceModel
+
+PAPER_PRIOR_WEIGHT = 1e-4  # lambda of Eq. 12
+PRECISIONS = ("bf16", "fp32")
+
+
+@dataclass
+class FitOptions:
+    """Knobs of :func:`fit_meshes`. Defaults were chosen by measurement (docs/fitting.md).
+
+    iterations: Adam steps per attempt; lr: initial Adam learning rate, decayed by a cosine to
+    ``lr * final_lr_fraction`` at the last step; prior_weight: lambda of Eq. 12.
+    precision: "bf16" (autocast convolutions, ~1.3x faster on CPU) or "fp32"; the final errors are
+    always evaluated in fp32.
+    Restart rule, applied after each attempt to every face: restart if its final loss is not finite,
+    or it is *stalled* (final loss > ``stall_fraction`` x its starting loss), or it is an *outlier*
+    (masked mean vertex error > ``outlier_ratio`` x the median over the faces of the call, and above
+    ``outlier_floor_mm``). At most ``max_restarts`` restarts per face; each restart draws a new random
+    start and only replaces the face's result if its loss is lower.
+    dense: also decode the fitted geometry images with the dense Laplacian method and report errors.
+    chunk: faces optimized together (memory bound; results do not depend on it).
+    threads: torch intra-op threads during the fit; None = automatic: torch's setting, lowered to the
+    cores the 1-minute load average leaves idle (at least 1). On a machine whose cores are busy with
+    other work, OpenMP threads that wait for a busy core make 2 threads ~2x slower than 1
+    (docs/fitting.md).
+    seed: base seed of the random starts (face b, attempt a start from seed, face seed b, a).
+    """
+
+    iterations: int = 150
+    lr: float = 0.3
+    final_lr_fraction: float = 0.1
+    prior_weight: float = PAPER_PRIOR_WEIGHT
+    precision: str = "bf16"
+    max_restarts: int = 2
+    stall_fraction: float = 0.9
+    outlier_ratio: float = 3.0
+    outlier_floor_mm: float = 0.1
+    dense: bool = False
+    chunk: int = 256
+    threads: int | None = None
+    seed: int = 0
+
+    def validate(self) -> "FitOptions":
+        if self.iterations < 1:
+            raise FaceganError(f"fit: iterations={self.iterations}, need at least 1")
+        if not self.lr > 0 or not 0 < self.final_lr_fraction <= 1:
+            raise FaceganError(f"fit: lr={self.lr}, final_lr_fraction={self.final_lr_fraction}: "
+                               "need lr > 0 and a fraction in (0, 1]")
+        if not self.prior_weight >= 0:
+            raise FaceganError(f"fit: prior_weight={self.prior_weight}, must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise FaceganError(f"fit: precision {self.precision!r} unknown (use {' or '.join(PRECISIONS)})")
+        if self.max_restarts < 0 or self.chunk < 1:
+            raise FaceganError(f"fit: max_restarts={self.max_restarts}, chunk={self.chunk}: need >= 0 and >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise FaceganError(f"fit: threads={self.threads}, need >= 1 (or None)")
+        return self
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit_meshes` found for B meshes of V vertices (all tensors on the CPU).
+
+    codes: factor name -> (B, size) codes, plus "noise" -> (B, noise_size): the fitted z;
+    vertices: (B, V, 3) mm, the fit as the objective sees it (sparse bilinear read of G(z));
+    errors: (B, V) mm, per-vertex Euclidean distance between ``vertices`` and the input;
+    vertex_mask: (B, V) bool, the vertices that entered the data term;
+    mean_error / mean_error_masked: (B,) mm, mean of ``errors`` over all / over masked-in vertices;
+    vertices_dense, errors_dense, mean_error_dense, mean_error_dense_masked: the same for the dense
+    (Laplacian) decoding of G(z), or None when ``FitOptions.dense`` is off;
+    restarts: (B,) int64, restarts each face needed (0 = the first start was kept or never flagged);
+    loss_history: (iterations, B) Eq. 12 value of each face at each step of its kept attempt;
+    seconds: wall time of the call; threads: torch threads it ran with.
+    """
+
+    codes: dict[str, torch.Tensor]
+    vertices: torch.Tensor
+    errors: torch.Tensor
+    vertex_mask: torch.Tensor
+    mean_error: torch.Tensor
+    mean_error_masked: torch.Tensor
+    restarts: torch.Tensor
+    loss_history: torch.Tensor
+    seconds: float
+    vertices_dense: torch.Tensor | None = None
+    errors_dense: torch.Tensor | None = None
+    mean_error_dense: torch.Tensor | None = None
+    mean_error_dense_masked: torch.Tensor | None = None
+    threads: int = 0
+
+    def __len__(self) -> int:
+        return len(self.vertices)
+
+
+# ------------------------------------------------------------------------------------ the codec
+
+
+_CODECS: "weakref.WeakKeyDictionary[FaceModel, GeometryImageCodec]" = weakref.WeakKeyDictionary()
+
+
+def model_codec(model: FaceModel) -> GeometryImageCodec:
+    """The geometry-image codec stored with ``model`` (built once per model and cached)."""
+    codec = _CODECS.get(model)
+    if codec is None:
+        if not model.codec_tensors:
+            raise FaceganError(f"{model.source or 'model'}: no geometry-image codec stored with the model")
+        try:
+            codec = GeometryImageCodec.from_state(model.codec_tensors, model.codec_meta)
+        except KeyError as exc:
+            raise FaceganError(f"{model.source or 'model'}: codec state lacks {exc}") from None
+        if codec.resolution != model.resolution:
+            raise FaceganError(f"{model.source or 'model'}: codec is {codec.resolution} px, "
+                               f"the generator {model.resolution} px")
+        _CODECS[model] = codec
+    return codec
+
+
+# ------------------------------------------------------------------------ the vertex reader
+
+
+def bilinear_matrix(points: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bilinear read of :func:`facegan.geometry_image.bilinear_read` as a sparse matrix.
+
+    points: (K, 2) pixel coordinates (x, y). Returns COO (rows (4K,), cols (4K,), weights (4K,))
+    of the (K, H*W) matrix whose product with a flattened image gives the same samples (same floor
+    and clamp at the last row/column as ``bilinear_read``).
+    """
+    pts = np.asarray(points, dtype=np.float64)
+    x0 = np.clip(np.floor(pts[:, 0]), 0, width - 2)
+    y0 = np.clip(np.floor(pts[:, 1]), 0, height - 2)
+    fx, fy = pts[:, 0] - x0, pts[:, 1] - y0
+    base = (y0 * width + x0).astype(np.int64)
+    cols = np.stack([base, base + 1, base + width, base + width + 1], axis=1)
+    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    rows = np.repeat(np.arange(len(pts)), 4)
+    return rows, cols.ravel(), weights.ravel()
+
+
+def _sparse_csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
+    coo = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(values.astype(np.float32)),
+                                  shape, check_invariants=True)
+    with warnings.catch_warnings():  # torch calls sparse CSR "beta"; it is used plainly here
+        warnings.simplefilter("ignore", UserWarning)
+        return coo.coalesce().to_sparse_csr()
+
+
+class _SparseRead(torch.autograd.Function):
+    """out (B, V, C) = M @ images, images (B, C, H, W) in any memory format; backward is M^T @ grad."""
+
+    @staticmethod
+    def forward(ctx, images: torch.Tensor, matrix: torch.Tensor, matrix_t: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = images.shape
+        ctx.matrix_t, ctx.shape = matrix_t, (b, c, h, w)
+        pixels = images.permute(2, 3, 0, 1).reshape(h * w, b * c)  # one product for the whole batch
+        return (matrix @ pixels).view(-1, b, c).permute(1, 0, 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        b, c, h, w = ctx.shape
+        g = ctx.matrix_t @ grad.permute(1, 0, 2).reshape(-1, b * c)
+        return g.view(h, w, b, c).permute(2, 3, 0, 1), None, None
+
+
+class VertexReader:
+    """Vertices (B, V, 3) mm from network-form geometry images (B, 3, R, R), differentiably.
+
+    Equals ``codec.decode_sparse(codec.from_network(images NHWC))`` -- the mean face plus the
+    bilinear read of the de-normalized image at each vertex's UV -- written as
+    ``offset + scale * (M @ images)``: M (V, R*R) holds the bilinear weights restricted to chart
+    pixels (from_network zeroes the others), scale (3,) = (high - low) / 2 mm per channel and
+    offset (V, 3) = mean + (read chart weight) * (low + high) / 2.
+    """
+
+    def __init__(self, codec: GeometryImageCodec, device: torch.device | str = "cpu"):
+        r = codec.resolution
+        rows, cols, weights = bilinear_matrix(codec.pixel_map.vertex_pixels, r, r)
+        in_chart = codec.mask.reshape(-1)[cols]
+        weights = np.where(in_chart, weights, 0.0)
+        keep = weights != 0
+        n_vertices = codec.template.n_vertices
+        self.matrix = _sparse_csr(rows[keep], cols[keep], weights[keep], (n_vertices, r * r)).to(device)
+        self.matrix_t = _sparse_csr(cols[keep], rows[keep], weights[keep], (r * r, n_vertices)).to(device)
+        if codec.value_range is None:
+            raise FaceganError("fit: the model's geometry-image codec has no quantization range")
+        low, high = codec.value_range
+        chart_weight = np.bincount(rows, weights=weights, minlength=n_vertices)
+        self.scale = torch.as_tensor((high - low) / 2, dtype=torch.float32, device=device)
+        offset = codec.mean + chart_weight[:, None] * (low + high) / 2
+        self.offset = torch.as_tensor(offset, dtype=torch.float32, device=device)
+        self.n_vertices = n_vertices
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self.offset, _SparseRead.apply(images.float(), self.matrix, self.matrix_t), self.scale)
+
+
+# ------------------------------------------------------------------- the generator, folded
+
+
+class FoldedGenerator(nn.Module):
+    """The frozen generator with each eval-mode BatchNorm folded into the layer before it.
+
+    Computes ``generator(z)`` without the final chart mask (the vertex reader ignores pixels
+    outside the chart): BatchNorm with running statistics is a per-channel affine map, so it
+    becomes a scale of the preceding layer's weights plus a bias, which removes its forward and
+    backward passes from every fitting step. Built by :func:`fitting_network`.
+    """
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        scale, shift = _batchnorm_affine(generator.stem_norm)
+        cells = generator.stem.out_features // len(scale)  # 4 x 4 pixels per stem channel
+        self.stem = nn.Linear(generator.stem.in_features, generator.stem.out_features)
+        self.stem.weight.data = generator.stem.weight.detach() * scale.repeat_interleave(cells)[:, None]
+        self.stem.bias.data = shift.repeat_interleave(cells) + _bias(generator.stem) * scale.repeat_interleave(cells)
+        self.stem_channels = len(scale)
+        layers: list[nn.Module] = []
+        modules = list(generator.blocks)
+        for conv, norm, act in zip(modules[0::3], modules[1::3], modules[2::3]):
+            layers += [_fold_conv(conv, norm), act]
+        self.blocks = nn.Sequential(*layers)
+        self.to_rgb = copy.deepcopy(generator.to_rgb)
+        self.eval().requires_grad_(False)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """z (B, z_dim) -> (B, 3, R, R) in [-1, 1] (not masked)."""
+        x = torch.relu(self.stem(z)).view(len(z), self.stem_channels, 4, 4)
+        x = self.blocks(x.contiguous(memory_format=torch.channels_last))
+        return torch.tanh(self.to_rgb(x))
+
+
+def _bias(layer: nn.Module) -> torch.Tensor:
+    """The layer's bias, zeros when it has none (Linear weights are (out, in), ConvTranspose (in, out, k, k))."""
+    if layer.bias is not None:
+        return layer.bias.detach()
+    return torch.zeros(layer.weight.shape[0 if isinstance(layer, nn.Linear) else 1])
+
+
+def _batchnorm_affine(norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) per channel with norm(x) == x * scale + shift in eval mode."""
+    scale = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
+    return scale, norm.bias.detach() - norm.running_mean * scale
+
+
+def _fold_conv(conv: nn.ConvTranspose2d, norm: nn.BatchNorm2d) -> nn.ConvTranspose2d:
+    scale, shift = _batchnorm_affine(norm)
+    folded = nn.ConvTranspose2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                                conv.output_padding, conv.groups, bias=True, dilation=conv.dilation)
+    folded.weight.data = conv.weight.detach() * scale[None, :, None, None]  # (C_in, C_out, k, k)
+    folded.bias.data = shift + _bias(conv) * scale
+    return folded
+
+
+def _is_foldable(generator: nn.Module) -> bool:
+    """Whether ``generator`` has the DC-GAN layout FoldedGenerator understands."""
+    modules = list(getattr(generator, "blocks", []))
+    return (isinstance(getattr(generator, "stem", None), nn.Linear)
+            and isinstance(getattr(generator, "stem_norm", None), nn.BatchNorm2d)
+            and isinstance(getattr(generator, "to_rgb", None), nn.ConvTranspose2d)
+            and len(modules) % 3 == 0
+            and all(isinstance(c, nn.ConvTranspose2d) and isinstance(n, nn.BatchNorm2d) and isinstance(a, nn.ReLU)
+                    for c, n, a in zip(modules[0::3], modules[1::3], modules[2::3])))
+
+
+class _PlainGenerator(nn.Module):
+    """Fallback when the generator's layout is not the one FoldedGenerator knows: G as it is."""
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.generator(z)
+
+
+def fitting_network(model: FaceModel) -> nn.Module:
+    """z (B, z_dim) -> network-form images (B, 3, R, R) equal to ``model.generate`` on the chart.
+
+    The BatchNorm-folded copy when the generator has the expected layout and the copy reproduces
+    it (checked on a few random codes), else the generator itself.
+    """
+    generator = model.generator
+    if _is_foldable(generator) and not generator.training:
+        folded = FoldedGenerator(generator).to(model.device)
+        z = torch.randn(4, generator.z_dim, generator=torch.Generator().manual_seed(0)).to(model.device)
+        with torch.no_grad():
+            mask = model.mask.to(torch.float32)
+            if torch.allclose(folded(z) * mask, generator(z), atol=1e-4, rtol=1e-4):
+                return folded
+    return _PlainGenerator(generator)
+
+
+# ---------------------------------------------------------------------------- input checks
+
+
+def check_meshes(meshes: np.ndarray | torch.Tensor, n_vertices: int, what: str = "fit") -> torch.Tensor:
+    """Input meshes as a float32 (B, V, 3) tensor; FaceganError on a wrong shape, vertex count or NaN."""
+    verts = torch.as_tensor(np.asarray(meshes) if not torch.is_tensor(meshes) else meshes)
+    if verts.ndim == 2:
+        verts = verts[None]
+    if verts.ndim != 3 or verts.shape[-1] != 3:
+        raise FaceganError(f"{what}: meshes of shape {tuple(verts.shape)}, expected (B, V, 3) vertices")
+    if len(verts) == 0:
+        raise FaceganError(f"{what}: no meshes given")
+    if verts.shape[1] != n_vertices:
+        raise FaceganError(f"{what}: meshes have {verts.shape[1]} vertices, the model's template has {n_vertices}")
+    finite = torch.isfinite(verts).all(dim=-1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite.all(dim=1)).flatten().tolist()
+        raise FaceganError(f"{what}: mesh {bad[0]} has {int((~finite[bad[0]]).sum())} vertices with NaN or "
+                           f"infinite coordinates ({len(bad)} bad meshes)")
+    return verts.to(torch.float32)
+
+
+def check_vertex_mask(mask: np.ndarray | torch.Tensor | None, n_meshes: int, n_vertices: int,
+                      what: str = "fit") -> torch.Tensor:
+    """A (B, V) bool mask from None (all vertices), (V,) or (B, V) bool; FaceganError if a face has none."""
+    if mask is None:
+        return torch.ones(n_meshes, n_vertices, dtype=torch.bool)
+    m = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask)
+    if m.dtype != torch.bool:
+        raise FaceganError(f"{what}: vertex mask must be boolean, got {m.dtype}")
+    if m.shape == (n_vertices,):
+        m = m[None].expand(n_meshes, -1)
+    if tuple(m.shape) != (n_meshes, n_vertices):
+        raise FaceganError(f"{what}: vertex mask of shape {tuple(m.shape)}, "
+                           f"expected ({n_vertices},) or ({n_meshes}, {n_vertices})")
+    empty = torch.nonzero(~m.any(dim=1)).flatten().tolist()
+    if empty:
+        raise FaceganError(f"{what}: the vertex mask selects no vertex of mesh {empty[0]} ({len(empty)} meshes empty)")
+    return m.cpu().clone()
+
+
+# ------------------------------------------------------------------------------ the problem
+
+
+def random_start(n_latent: int, seed: int, face_seeds: Sequence[int], attempt: int) -> torch.Tensor:
+    """Starting codes (B, n_latent) ~ N(0, I): face b's row depends only on (seed, face_seeds[b], attempt)."""
+    rows = [np.random.default_rng([seed, int(s), attempt]).standard_normal(n_latent) for s in face_seeds]
+    return torch.as_tensor(np.stack(rows), dtype=torch.float32)
+
+
+class _Objective:
+    """Eq. 12 for a set of faces: targets (B, V, 3) mm, weights (B, V) in {0, 1}."""
+
+    def __init__(self, network: nn.Module, reader: VertexReader, targets: torch.Tensor, weights: torch.Tensor,
+                 prior_weight: float, precision: str):
+        self.network, self.reader = network, reader
+        self.weights = weights
+        self.prior_weight, self.precision = prior_weight, precision
+        # v~ - v = offset + scale * read - v: the constant part is subtracted once, not every step
+        self.negative_rest = reader.offset - targets
+
+    def losses(self, z: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """Eq. 12 per face (B,) for codes z (B, z_dim)."""
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=(precision or self.precision) == "bf16"):
+            images = self.network(z)
+        read = _SparseRead.apply(images.float(), self.reader.matrix, self.reader.matrix_t)
+        distance = torch.linalg.vector_norm(torch.addcmul(self.negative_rest, read, self.reader.scale), dim=-1)
+        return (distance * self.weights).sum(1) + self.prior_weight * z.square().sum(1)
+
+
+def _optimize(objective: _Objective, start: torch.Tensor, options: FitOptions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam with a cosine learning-rate decay from ``start`` (B, Z). Returns (codes with the lowest
+    loss seen per face (B, Z), loss history (iterations, B)). No host synchronization in the loop."""
+    z = start.clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([z], lr=options.lr)
+    history = torch.empty(options.iterations, len(z), device=z.device)
+    best_z, best_loss = start.clone(), torch.full((len(z),), math.inf, device=z.device)
+    for step in range(options.iterations):
+        progress = step / max(options.iterations - 1, 1)
+        floor = options.final_lr_fraction
+        optimizer.param_groups[0]["lr"] = options.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+        loss = objective.losses(z)
+        loss.sum().backward()  # faces are independent: the sum's gradient w.r.t. z_b is dE_b/dz_b
+        with torch.no_grad():
+            history[step] = loss
+            better = loss < best_loss  # NaN never is: a diverged face keeps its last finite codes
+            best_loss = torch.where(better, loss, best_loss)
+            best_z = torch.where(better[:, None], z, best_z)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    # The codes after the last step were never evaluated: they compete with the best seen.
+    with torch.no_grad():
+        final_loss = objective.losses(z.detach())
+        better = final_loss < best_loss
+        best_z = torch.where(better[:, None], z.detach(), best_z)
+    return best_z, history
+
+
+def _run_attempt(network, reader, targets, weights, z0, options: FitOptions) -> tuple[torch.Tensor, ...]:
+    """Optimize faces from starts z0 in chunks; returns (z, fp32 loss, start loss, history)."""
+    zs, losses, starts, histories = [], [], [], []
+    for lo in range(0, len(z0), options.chunk):
+        sl = slice(lo, lo + options.chunk)
+        objective = _Objective(network, reader, targets[sl], weights[sl], options.prior_weight, options.precision)
+        z, history = _optimize(objective, z0[sl], options)
+        with torch.no_grad():
+            losses.append(objective.losses(z, "fp32"))
+        zs.append(z)
+        histories.append(history)
+        starts.append(history[0])
+    return torch.cat(zs), torch.cat(losses), torch.cat(starts), torch.cat(histories, dim=1)
+
+
+def flag_divergent(loss: torch.Tensor, start_loss: torch.Tensor, masked_error: torch.Tensor,
+                   options: FitOptions) -> torch.Tensor:
+    """(B,) bool: faces to restart (see :class:`FitOptions`): non-finite, stalled or outlier.
+
+    loss, start_loss: (B,) Eq. 12 at the end / start of the attempt; masked_error: (B,) mm."""
+    finite = torch.isfinite(loss) & torch.isfinite(masked_error)
+    stalled = loss > options.stall_fraction * start_loss
+    typical = masked_error[finite].median() if bool(finite.any()) else torch.tensor(math.inf)
+    outlier = (masked_error > options.outlier_ratio * typical) & (masked_error > options.outlier_floor_mm)
+    return ~finite | stalled | outlier
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum(1) / mask.sum(1)
+
+
+# ------------------------------------------------------------------------------------ fitting
+
+
+def fit_meshes(
+    model: FaceModel,
+    meshes: np.ndarray | torch.Tensor,
+    vertex_mask: np.ndarray | torch.Tensor | None = None,
+    options: FitOptions | None = None,
+    face_seeds: Sequence[int] | None = None,
+) -> FitResult:
+    """Fit latent codes to registered meshes by minimizing Eq. 12, with restarts of diverged faces.
+
+    model: the trained model (its codec maps images to meshes); meshes: (B, V, 3) mm in the model's
+    template topology (a single (V, 3) mesh is accepted); vertex_mask: None (all vertices), (V,) or
+    (B, V) bool -- only masked-in vertices enter the data term; options: see :class:`FitOptions`;
+    face_seeds: (B,) ints, face b starts from (options.seed, face_seeds[b], attempt) -- default
+    0..B-1; pass the original indices when fitting a subset to reproduce a batch fit.
+    Raises FaceganError for meshes of another topology, NaN/inf coordinates or an empty mask.
+    """
+    options = (options or FitOptions()).validate()
+    threads = options.threads or idle_threads()
+    with _torch_threads(threads):
+        result = _fit(model, meshes, vertex_mask, options, face_seeds)
+    result.threads = threads
+    return result
+
+
+def idle_threads() -> int:
+    """torch's thread count, lowered to the cores the 1-minute load average leaves idle (>= 1)."""
+    try:
+        busy = round(os.getloadavg()[0])
+    except OSError:  # no load average on this platform
+        return torch.get_num_threads()
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int):
+    """Run with ``threads`` intra-op threads, restoring torch's setting afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _fit(model, meshes, vertex_mask, options: FitOptions, face_seeds) -> FitResult:
+    started = time.perf_counter()
+    codec = model_codec(model)
+    device = model.device
+    targets = check_meshes(meshes, codec.template.n_vertices)
+    mask = check_vertex_mask(vertex_mask, len(targets), targets.shape[1])
+    n = len(targets)
+    face_seeds = list(range(n)) if face_seeds is None else [int(s) for s in face_seeds]
+    if len(face_seeds) != n:
+        raise FaceganError(f"fit: {len(face_seeds)} face seeds for {n} meshes")
+    network, reader = fitting_network(model), VertexReader(codec, device)
+    targets_d, weights_d = targets.to(device), mask.to(device, torch.float32)
+    n_latent = sum(model.code_sizes) + model.noise_size
+
+    z0 = random_start(n_latent, options.seed, face_seeds, 0).to(device)
+    z, loss, start_loss, history = _run_attempt(network, reader, targets_d, weights_d, z0, options)
+    restarts = torch.zeros(n, dtype=torch.int64)
+    for attempt in range(1, options.max_restarts + 1):
+        errors = _masked_mean(_errors(network, reader, z, targets_d), weights_d)
+        todo = torch.nonzero(flag_divergent(loss, start_loss, errors, options).cpu()).flatten()
+        if len(todo) == 0:
+            break
+        restarts[todo] += 1
+        idx = todo.to(device)
+        z0 = random_start(n_latent, options.seed, [face_seeds[i] for i in todo.tolist()], attempt).to(device)
+        z_new, loss_new, start_new, history_new = _run_attempt(network, reader, targets_d[idx], weights_d[idx], z0,
+                                                               options)
+        better = (loss_new < loss[idx]) | ~torch.isfinite(loss[idx])
+        keep = idx[better]
+        z[keep], loss[keep], start_loss[keep] = z_new[better], loss_new[better], start_new[better]
+        history[:, keep] = history_new[:, better]
+    return _result(model, codec, network, reader, z, targets_d, mask, restarts, history, options, started)
+
+
+def _errors(network, reader, z: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """(B, V) mm per-vertex distances of the fp32 sparse-read fits of codes z to targets."""
+    with torch.no_grad():
+        return torch.cat([(reader(network(z[i:i + chunk].float())) - targets[i:i + chunk]).norm(dim=-1)
+                          for i in range(0, len(z), chunk)])
+
+
+def split_codes(model: FaceModel, z: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Split z (B, z_dim) into {factor: (B, size), ..., "noise": (B, noise_size)}."""
+    parts = torch.split(z, [*model.code_sizes, model.noise_size], dim=1)
+    return {name: part.contiguous() for name, part in zip([*model.factors, "noise"], parts)}
+
+
+def join_codes(model: FaceModel, codes: dict[str, torch.Tensor]) -> torch.Tensor:
+    """z (B, z_dim) from {factor: (B, size), ..., "noise": (B, noise_size)} (the inverse of split_codes)."""
+    return torch.cat([torch.as_tensor(codes[name], dtype=torch.float32) for name in [*model.factors, "noise"]], dim=1)
+
+
+def _result(model, codec, network, reader, z, targets, mask, restarts, history, options, started) -> FitResult:
+    with torch.no_grad():
+        vertices = torch.cat([reader(network(z[i:i + 256])) for i in range(0, len(z), 256)]).cpu()
+    targets = targets.cpu()
+    errors = (vertices - targets).norm(dim=-1)
+    maskf = mask.to(torch.float32)
+    result = FitResult(
+        codes=split_codes(model, z.detach().cpu()), vertices=vertices, errors=errors, vertex_mask=mask,
+        mean_error=errors.mean(1), mean_error_masked=_masked_mean(errors, maskf), restarts=restarts,
+        loss_history=history.cpu(), seconds=0.0,
+    )
+    if options.dense:
+        dense = decode_codes(model, result.codes, "dense")
+        result.vertices_dense = dense
+        result.errors_dense = (dense - targets).norm(dim=-1)
+        result.mean_error_dense = result.errors_dense.mean(1)
+        result.mean_error_dense_masked = _masked_mean(result.errors_dense, maskf)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def decode_codes(model: FaceModel, codes: dict[str, torch.Tensor], method: str = "dense",
+                 chunk: int = 128) -> torch.Tensor:
+    """Meshes (N, V, 3) mm of codes {factor: (N, size), "noise": (N, noise_size)}: G(z) decoded by
+    the model's codec, ``method`` "dense" (Laplacian least squares, Eq. 4) or "sparse" (bilinear read)."""
+    codec = model_codec(model)
+    z = join_codes(model, codes).to(model.device)
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(z), chunk):
+            parts = split_codes(model, z[i:i + chunk])
+            images = model.generate([parts[f] for f in model.factors], parts["noise"])
+            out.append(codec.decode(codec.from_network(images.permute(0, 2, 3, 1).float()).cpu(), method))
+    return torch.cat(out) if out else torch.zeros(0, codec.template.n_vertices, 3)
+
+
+def untrained_model(codec: GeometryImageCodec, code_sizes: Sequence[int] = (65, 15), noise_size: int = 5,
+                    base_channels: int = 32, factors: Sequence[str] = ("identity", "expression"), seed: int = 0,
+                    max_mult: int = 8) -> FaceModel:
+    """A FaceModel around an untrained generator, for tests and speed measurements.
+
+    The DC-GAN initialisation makes an eval-mode generator nearly constant (its BatchNorm running
+    statistics are the identity while activations shrink layer by layer), so the running statistics
+    are first set from one batch of N(0, I) codes: the outputs then vary with z like a real model's.
+    """
+    from facegan.nn.networks import Generator
+    from facegan.train.config import TrainConfig
+
+    torch.manual_seed(seed)
+    generator = Generator(list(code_sizes), noise_size, torch.from_numpy(codec.mask), base_channels, max_mult)
+    for module in generator.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: one batch sets the statistics exactly
+    with torch.no_grad():
+        generator.train()(torch.randn(256, generator.z_dim))
+    factors = list(factors)
+    tensors, meta = codec.to_state()
+    config = TrainConfig(code_sizes=list(code_sizes), noise_size=noise_size, g_channels=base_channels,
+                         max_channels_mult=max_mult)
+    fixed = {f: torch.randn(2, s) for f, s in zip(factors, code_sizes)}
+    names = {f: [f"{f}{i}" for i in range(2)] for f in factors}
+    return FaceModel(generator.eval(), factors, fixed, names, config, tensors, meta, source="untrained")

@@ -1,0 +1,278 @@
+"""Config, data validation, checkpoints, the training loop (variants, three factors, exact resume, DDP) and
+the sampling model, on tiny synthetic geometry images."""
+
+import hashlib
+import os
+import pickle
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from facegan.errors import FaceganError
+from facegan.model import FaceModel
+from facegan.train import loop
+from facegan.train.checkpoint import load_checkpoint, save_checkpoint
+from facegan.train.config import TrainConfig, apply_overrides, make_config
+from facegan.train.data import TrainingImages, to_network, to_uint8
+from facegan.train.loop import train
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy machine OpenMP barriers stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+TINY = ["g_channels=4", "d_channels=4", "feature_size=16", "batch_size=8", "max_iters=0", "epochs=2",
+        "log_every=2", "sample_grid=2", "ckpt_every_iters=3", "ckpt_every_epochs=1", "sample_every_epochs=1",
+        "progress=false"]
+
+
+def synth(n: int = 96, r: int = 16, n_classes=(4, 3), seed: int = 0) -> TrainingImages:
+    """Smooth images whose slopes depend on the classes of each factor; half the expression labels missing."""
+    g = torch.Generator().manual_seed(seed)
+    names = ["identity", "expression", "age"][: len(n_classes)]
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, r), torch.linspace(-1, 1, r), indexing="ij")
+    img = 0.05 * torch.randn(n, 3, r, r, generator=g)
+    labels, class_names = {}, {}
+    for k, (name, c) in enumerate(zip(names, n_classes)):
+        lab = torch.arange(n) % c if k == 0 else torch.randint(0, c, (n,), generator=g)
+        img += 0.3 * torch.randn(c, 3, 1, 1, generator=g)[lab] * (xx if k % 2 == 0 else yy)
+        if k > 0:
+            lab = lab.clone()
+            lab[::2] = -1
+        labels[name], class_names[name] = lab.long(), [f"{name}{i}" for i in range(c)]
+    u8 = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return TrainingImages(u8, xx ** 2 + yy ** 2 < 0.9, labels, class_names)
+
+
+def tiny_config(*extra: str) -> TrainConfig:
+    return make_config("small", overrides=[*TINY, *extra])
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ config
+
+
+def test_config_unknown_key():
+    with pytest.raises(FaceganError, match=r"unknown config key 'x' \(known: profile, variant, seed"):
+        make_config(overrides=["x=1"])
+
+
+def test_config_types_profiles_toml(tmp_path):
+    cfg = make_config("small", overrides=["lr_d=1e-3", "code_sizes=[10, 5, 3]", "channels_last=false", "amp=none"])
+    assert cfg.lr_d == 1e-3 and cfg.code_sizes == [10, 5, 3] and cfg.channels_last is False
+    assert cfg.code_sizes_for(4) == [10, 5, 3, cfg.extra_code_size]
+    with pytest.raises(FaceganError, match="batch_size=abc"):
+        make_config(overrides=["batch_size=abc"])
+    with pytest.raises(FaceganError, match="variant"):
+        make_config(overrides=["variant=bogus"])
+    paper = make_config("paper")
+    assert (paper.g_channels, paper.d_channels, paper.feature_size, paper.epochs, paper.max_iters) == (64, 64, 2048, 200, 0)
+    toml = tmp_path / "run.toml"
+    toml.write_text('profile = "paper"\nvariant = "no-tv"\nlambda_tv = 0\n')
+    cfg = make_config(toml_path=toml, overrides=["seed=3"])
+    assert (cfg.profile, cfg.variant, cfg.lambda_tv, cfg.seed, cfg.g_channels) == ("paper", "no-tv", 0.0, 3, 64)
+    toml.write_text('batch_size = "big"\n')
+    with pytest.raises(FaceganError, match="batch_size"):
+        make_config(toml_path=toml)
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    assert apply_overrides(cfg, ["epochs=5"]).epochs == 5 and cfg.epochs == 200
+
+
+# -------------------------------------------------------------------------------------------- data
+
+
+def test_to_network_range_mask_and_layout():
+    data = synth(4)
+    x = to_network(data.images, data.mask)
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32
+    assert torch.all(x[:, :, ~data.mask] == 0) and x.abs().max() <= 1
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    back = to_uint8(x)
+    assert torch.equal(back[:, data.mask], data.images[:, data.mask])
+
+
+def test_dataset_without_identity_labels_is_refused(tmp_path):
+    data = synth()
+    data.labels["identity"][:] = -1
+    with pytest.raises(FaceganError, match="'identity': no sample is labeled"):
+        train(data, tiny_config(), tmp_path / "run")
+
+
+def test_single_class_factor_is_refused(tmp_path):
+    data = synth()
+    data.class_names["expression"] = ["neutral"]
+    data.labels["expression"] = torch.where(data.labels["expression"] >= 0, 0, -1)
+    with pytest.raises(FaceganError, match="'expression': 1 class"):
+        train(data, tiny_config(), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_round_trip_and_refusals(tmp_path):
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, {"a": torch.arange(5), "b": torch.ones(2, 3)}, {"iteration": 7})
+    tensors, meta = load_checkpoint(path)
+    assert meta == {"iteration": 7} and torch.equal(tensors["a"], torch.arange(5))
+
+    evil = tmp_path / "evil.safetensors"
+    evil.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))  # a pickle payload, as torch.save would write
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-7])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+    for bad in (evil, truncated, garbage, tmp_path / "missing.safetensors"):
+        with pytest.raises(FaceganError) as info:
+            load_checkpoint(bad)
+        message = str(info.value)
+        assert str(bad) in message and "\n" not in message
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def test_train_writes_run_and_model_samples(tmp_path):
+    run = tmp_path / "run"
+    model_path = train(synth(), tiny_config(), run)
+    assert model_path == run / "model.safetensors"
+    assert {p.name for p in run.iterdir()} >= {"config.json", "log.csv", "checkpoint.safetensors", "model.safetensors",
+                                               "samples"}
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch0001.png", "epoch0002.png"]
+    header, *rows = (run / "log.csv").read_text().splitlines()
+    assert header.startswith("iteration,epoch,seconds,img_per_s,d_loss,d_wdist,d_gp,d_class_identity,d_acc_identity")
+    assert [r.split(",")[0] for r in rows] == ["2", "4", "6", "8"]
+
+    model = FaceModel.load(run)
+    assert model.factors == ["identity", "expression"] and model.code_sizes == [65, 15]
+    images, codes = model.sample(3, fix="expression", m=4, seed=0)
+    assert images.shape == (12, 3, 16, 16) and torch.all(images[:, :, ~model.mask] == 0)
+    assert torch.equal(codes["expression"][0], codes["expression"][3])
+    assert not torch.equal(codes["expression"][3], codes["expression"][4])
+    assert not torch.equal(codes["identity"][0], codes["identity"][1])
+    again, _ = model.sample(3, fix="expression", m=4, seed=0)
+    assert torch.equal(images, again)
+    z = [codes["identity"][:2].clone().requires_grad_(True), codes["expression"][:2], codes["noise"][:2]]
+    model.generate(z[:2], z[2]).sum().backward()  # differentiable in the codes (model fitting)
+    assert z[0].grad is not None and z[0].grad.abs().sum() > 0
+    torch.testing.assert_close(model.fixed_codes["identity"], load_checkpoint(run / "checkpoint.safetensors")[0][
+        "fixed_codes.identity"])
+    with pytest.raises(FaceganError, match="already holds a training run"):
+        train(synth(), tiny_config(), run)
+
+
+def test_three_factor_training(tmp_path):
+    run = tmp_path / "run"
+    train(synth(n_classes=(4, 3, 2)), tiny_config("epochs=1"), run)
+    header = (run / "log.csv").read_text().splitlines()[0].split(",")
+    assert {"d_class_age", "d_acc_age", "g_class_age", "g_feat_age"} <= set(header)
+    tensors, meta = load_checkpoint(run / "checkpoint.safetensors")
+    assert meta["factors"] == ["identity", "expression", "age"]
+    assert meta["code_sizes"] == [65, 15, 15]
+    assert tensors["D.class_heads.2.logits.weight"].shape[0] == 2
+    model = FaceModel.load(run)
+    assert model.sample(2, fix="age", m=2)[0].shape == (4, 3, 16, 16)
+
+
+@pytest.mark.parametrize("variant", ["acgan", "no-alternate", "no-tv", "no-feature", "id-only"])
+def test_variants_train(tmp_path, variant):
+    run = tmp_path / variant
+    train(synth(n=48), tiny_config(f"variant={variant}", "epochs=1"), run)
+    header = set((run / "log.csv").read_text().splitlines()[0].split(","))
+    tensors, _ = load_checkpoint(run / "checkpoint.safetensors")
+    n_branches = len({k.split(".")[2] for k in tensors if k.startswith("D.class_heads.")})
+    assert n_branches == (1 if variant in ("acgan", "id-only") else 2)
+    assert ("g_tv" in header) == (variant not in ("acgan", "no-tv"))
+    assert any(c.startswith("g_feat") for c in header) == (variant in ("no-tv", "id-only"))
+    assert ("d_class_fake_identity" in header) == (variant == "acgan")
+
+
+def _killed_at(iteration: int):
+    def hook(i: int) -> None:
+        if i == iteration:
+            raise KeyboardInterrupt("simulated kill")
+    return hook
+
+
+def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
+    data = synth()
+    cfg = tiny_config()  # 4 iterations per epoch, 8 in all; checkpoints at 3, 4, 6, 8; bf16 autocast
+    train(data, cfg, tmp_path / "straight")
+
+    monkeypatch.setattr(loop, "_after_iteration", _killed_at(7))  # last checkpoint: iteration 6, mid-epoch
+    with pytest.raises(KeyboardInterrupt):
+        train(data, cfg, tmp_path / "resumed")
+    monkeypatch.setattr(loop, "_after_iteration", None)
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.safetensors")[1]["iteration"] == 6
+    train(data, cfg, tmp_path / "resumed", resume=True)
+
+    for name in ("checkpoint.safetensors", "model.safetensors"):
+        a, meta_a = load_checkpoint(tmp_path / "straight" / name)
+        b, meta_b = load_checkpoint(tmp_path / "resumed" / name)
+        assert a.keys() == b.keys() and meta_a == meta_b
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    strip = lambda p: [r.split(",")[:2] + r.split(",")[4:] for r in p.read_text().splitlines()]
+    assert strip(tmp_path / "straight" / "log.csv") == strip(tmp_path / "resumed" / "log.csv")
+
+
+def test_resume_with_other_config_or_data_is_refused(tmp_path):
+    run = tmp_path / "run"
+    train(synth(), tiny_config("epochs=1"), run)
+    before = file_digests(run)
+    with pytest.raises(FaceganError, match=r"different config \(lr_d: 0.0002 -> 0.001\)"):
+        train(synth(), tiny_config("epochs=1", "lr_d=1e-3"), run, resume=True)
+    with pytest.raises(FaceganError, match="other data"):
+        train(synth(seed=1), tiny_config("epochs=1"), run, resume=True)
+    assert file_digests(run) == before
+    with pytest.raises(FaceganError, match="no checkpoint.safetensors"):
+        train(synth(), tiny_config(), tmp_path / "empty", resume=True)
+    # longer training is allowed: it continues from iteration 4
+    train(synth(), tiny_config("epochs=2"), run, resume=True)
+    assert load_checkpoint(run / "checkpoint.safetensors")[1]["iteration"] == 8
+
+
+def test_codec_state_is_stored_with_the_model(tmp_path):
+    codec = ({"uv": torch.rand(10, 2), "faces": torch.arange(6).view(2, 3)}, {"scale_mm": 2.5})
+    train(synth(n=48), tiny_config("epochs=1"), tmp_path / "run", codec_state=codec,
+          preview=lambda x: (torch.zeros(x.shape[0], 5, 5, 3, dtype=torch.uint8)).numpy())
+    model = FaceModel.load(tmp_path / "run" / "model.safetensors")
+    assert model.codec_meta == {"scale_mm": 2.5}
+    assert torch.equal(model.codec_tensors["faces"], codec[0]["faces"])
+    assert (tmp_path / "run" / "samples" / "epoch0001_meshes.png").exists()
+
+
+# -------------------------------------------------------------------------------------------- DDP
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # checkpoints every 3 iterations also check that the replicas' parameters agree across ranks
+    train(synth(), tiny_config(), Path(out))
+
+
+def test_ddp_two_processes(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run")), nprocs=2, join=True)
+    tensors, meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
+    assert meta["world_size"] == 2 and meta["iteration"] == 8
+    assert not torch.equal(tensors["rng.sample.rank0"], tensors["rng.sample.rank1"])  # own fake streams
+    assert FaceModel.load(tmp_path / "run").sample(2)[0].shape == (2, 3, 16, 16)
