@@ -2,6 +2,7 @@
 
     python benchmarks/bench_fitting.py [--data data/ict-small] [--width 32] [--single 4]
     python benchmarks/bench_fitting.py --run RUN --data DATA [--out generalization.png]
+    python benchmarks/bench_fitting.py --run RUN --limit 32 --sweep 100:0.3,150:0.3,300:0.3
 
 Speed: fits the test split's meshes (175 in data/ict-small, the paper's test-set size) in one
 batch with the default FitOptions, and a few of them one by one (same options, same starts), and
@@ -15,6 +16,10 @@ With --run (a trained model and its dataset) it also reports generalization: the
 error (mm) on the test split after fitting (paper, Table 1: 0.74 mm), next to the encode/decode
 round-trip floor of the same meshes (the error of the representation itself), and writes the
 cumulative error curves to --out.
+
+With --sweep ITERATIONS:LR,... it only compares schedules: the mean vertex error and time of a fit
+of the (--limit) test meshes with each, the rest of FitOptions at its defaults (how the defaults
+were chosen, docs/fitting.md).
 """
 
 from __future__ import annotations
@@ -80,6 +85,16 @@ def generalization(model: FaceModel, ds, meshes: np.ndarray, result, out: Path) 
     print(f"\nwrote {out}")
 
 
+def sweep(model, meshes: np.ndarray, schedules: str, threads: int | None) -> None:
+    print("| iterations | lr | mean error (mm) | max per-mesh (mm) | seconds |\n|---|---|---|---|---|")
+    for item in schedules.split(","):
+        iterations, lr = item.split(":")
+        options = FitOptions(iterations=int(iterations), lr=float(lr), max_restarts=0, threads=threads)
+        result = fit_meshes(model, meshes, options=options)
+        e = result.mean_error
+        print(f"| {iterations} | {lr} | {e.mean():.3f} | {e.max():.3f} | {result.seconds:.1f} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=Path("data/ict-small"))
@@ -92,6 +107,7 @@ def main() -> None:
     parser.add_argument("--precision", default=None, choices=["bf16", "fp32"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads during fits (default: automatic)")
     parser.add_argument("--out", type=Path, default=Path("generalization.png"))
+    parser.add_argument("--sweep", default=None, help="compare schedules ITERATIONS:LR,... (mean error, time)")
     args = parser.parse_args()
 
     ds = open_dataset(args.data)
@@ -110,6 +126,9 @@ def main() -> None:
         print(f"## Fitting {args.run}: generator width {model.config.g_channels} (widths {model.generator.widths})")
     print(f"{len(meshes)} test meshes of {args.data}; options: iterations {options.iterations}, lr {options.lr}, "
           f"{options.precision}, max restarts {options.max_restarts}\n")
+    if args.sweep:
+        sweep(model, meshes, args.sweep, args.threads)
+        return
     result = speed(model, meshes, options, args.single)
     if args.run is not None:
         generalization(model, ds, meshes, result, args.out)

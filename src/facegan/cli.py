@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -124,12 +125,15 @@ def roundtrip(
 @app.command()
 def demo(
     data: Path = typer.Option(DEFAULT_DATA, help="Where the default dataset lives (made if missing)."),
+    out: Path = typer.Option(Path("out/demo-samples"), help="Where samples of the shipped model go."),
 ) -> None:
-    """The main job on the built-in default: synthesize the small dataset, encode it, print the round trip."""
+    """The main job on the built-in default: synthesize the small dataset, encode it, print the
+    round trip, and sample faces from the shipped model (when this installation has one)."""
     from facegan.data.dataset import open_dataset
     from facegan.data.encode import encode_dataset
     from facegan.data.build import synthesize_dataset
     from facegan.geometry_image.files import print_roundtrip
+    from facegan.sampling import SHIPPED_MODEL, load, sample_to_files
 
     if not (data / "dataset.json").exists():
         synthesize_dataset(data, profile="small", seed=0)
@@ -137,6 +141,11 @@ def demo(
     if not (data / "images" / "res64.json").exists():
         encode_dataset(ds, 64)
     print_roundtrip(data, [64], 175, echo=typer.echo)
+    if SHIPPED_MODEL.exists():
+        sample_to_files(load(), 4, out, fix="identity", m=4)
+        typer.echo(f"sampled 4 identities x 4 expressions from the shipped model into {out}")
+    else:
+        typer.echo("no shipped model in this installation yet: train one with 'facegan train DATA -o RUN'")
 
 
 @app.command()
@@ -155,7 +164,8 @@ def train(
     from facegan.train.prepare import run_training
 
     path = run_training(data, out, profile, variant, epochs, config, set_, resume, resolution)
-    typer.echo(f"model written to {path}")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, every process returns here
+        typer.echo(f"model written to {path}")
 
 
 @app.command()

@@ -610,18 +610,19 @@ def untrained_model(codec: GeometryImageCodec, code_sizes: Sequence[int] = (65, 
     from facegan.nn.networks import Generator
     from facegan.train.config import TrainConfig
 
-    torch.manual_seed(seed)
-    generator = Generator(list(code_sizes), noise_size, torch.from_numpy(codec.mask), base_channels, max_mult)
-    for module in generator.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average: one batch sets the statistics exactly
-    with torch.no_grad():
-        generator.train()(torch.randn(256, generator.z_dim))
+    with torch.random.fork_rng():  # seeded without touching the caller's random state
+        torch.manual_seed(seed)
+        generator = Generator(list(code_sizes), noise_size, torch.from_numpy(codec.mask), base_channels, max_mult)
+        for module in generator.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average: one batch sets the statistics exactly
+        with torch.no_grad():
+            generator.train()(torch.randn(256, generator.z_dim))
+        fixed = {f: torch.randn(2, s) for f, s in zip(factors, code_sizes)}
     factors = list(factors)
     tensors, meta = codec.to_state()
     config = TrainConfig(code_sizes=list(code_sizes), noise_size=noise_size, g_channels=base_channels,
                          max_channels_mult=max_mult)
-    fixed = {f: torch.randn(2, s) for f, s in zip(factors, code_sizes)}
     names = {f: [f"{f}{i}" for i in range(2)] for f in factors}
     return FaceModel(generator.eval(), factors, fixed, names, config, tensors, meta, source="untrained")

@@ -67,7 +67,7 @@ class TrainConfig:
     # length: stop at whichever comes first (0 = no limit on iterations). The small profile is bounded by
     # its time budget (max_iters), not by epochs, whose length depends on the dataset size
     epochs: int = 1000
-    max_iters: int = 7000
+    max_iters: int = 3000
     # speed
     amp: str = "bf16"  # autocast dtype on CPU and CUDA; "none" = float32
     channels_last: bool = True
@@ -118,8 +118,9 @@ class TrainConfig:
 
 
 PROFILE_VALUES: dict[str, dict[str, Any]] = {
-    # widths 32 with bf16 on 2 idle CPU cores: ~0.5 s per iteration (0.47 s measured for a prototype of the
-    # same shape), so 7000 iterations plus checkpoints and sample grids fit in under 2 hours
+    # widths 32 with bf16: 221 GFLOP per iteration (benchmarks/bench_train_step.py), 1.85 s per iteration
+    # measured on one loaded core; 3000 iterations (~65 epochs of the small dataset) is the 2-hour budget.
+    # Samples were plausible faces by iteration 500 in a sanity run
     "small": {},
     # the paper's DC-GAN widths, 200 epochs; meant for a GPU
     "paper": {"g_channels": 64, "d_channels": 64, "max_iters": 0, "epochs": 200, "ckpt_every_iters": 1000,
