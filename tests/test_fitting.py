@@ -65,6 +65,20 @@ def test_reader_and_folded_generator_match_the_codec(model):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("use_scipy", [True, False], ids=["scipy", "torch-csr"])
+def test_reader_gradient_is_the_transposed_read(model, use_scipy):
+    reader = VertexReader(fitting.model_codec(model), use_scipy=use_scipy)
+    images = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    weights = torch.randn(2, reader.n_vertices, 3)
+    (reader(images) * weights).sum().backward()
+    reference = images.detach().clone().requires_grad_(True)
+    codec = fitting.model_codec(model)
+    read = bilinear_read(codec.from_network(reference.permute(0, 2, 3, 1)),
+                         torch.from_numpy(codec.pixel_map.vertex_pixels))
+    (read * weights).sum().backward()
+    torch.testing.assert_close(images.grad, reference.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_bilinear_matrix_equals_bilinear_read():
     points = np.array([[0.0, 0.0], [3.25, 7.5], [15.0, 15.0], [14.999, 0.5], [7.0, 3.0]])
     rows, cols, w = bilinear_matrix(points, 16, 16)
@@ -264,6 +278,20 @@ def test_fit_files_writes_everything(model, generated, tmp_path):
     torch.testing.assert_close(codes["identity"], result.codes["identity"])
     torch.testing.assert_close(load_codes(out / "codes.npz", model)["noise"], result.codes["noise"])
     assert not list(tmp_path.glob(".out.*"))  # no staging left behind
+
+
+def test_fit_files_with_a_mask_file(model, generated, tmp_path):
+    """Partial data from the command line: a text file of vertex indices; wild masked-out vertices."""
+    faces = generated[0][:2].clone()
+    n_vertices = faces.shape[1]
+    faces[:, n_vertices // 2:] += 500.0
+    paths = _write_faces(tmp_path / "in", faces, model)
+    (tmp_path / "front.txt").write_text(" ".join(map(str, range(n_vertices // 2))))
+    result = fit_files(paths, tmp_path / "out", model, vertex_mask=tmp_path / "front.txt", options=FAST,
+                       grid_limit=0)  # no figure: rendering the 500 mm spikes is slow and beside the point
+    rows = list(csv.DictReader((tmp_path / "out" / "errors.csv").open()))
+    assert all(float(r["error_masked_mm"]) < 0.05 * generated[2] < 100 < float(r["error_mm"]) for r in rows)
+    assert result.vertex_mask[:, : n_vertices // 2].all() and not result.vertex_mask[:, n_vertices // 2:].any()
 
 
 @pytest.mark.parametrize("case", ["nan", "topology", "missing", "mask"])

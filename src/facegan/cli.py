@@ -186,6 +186,57 @@ def sample(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+def fit(
+    meshes: List[Path] = typer.Argument(None, help="Registered meshes (OBJ/PLY) to fit."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (fits, codes, errors.csv, PNGs)."),
+    run: Optional[Path] = typer.Option(None, help="Run folder or model file (default: the shipped model)."),
+    data: Optional[Path] = typer.Option(None, help="Fit a dataset split instead of mesh files."),
+    split: str = typer.Option("test", help="The split of --data to fit."),
+    limit: Optional[int] = typer.Option(None, help="At most this many meshes of the split."),
+    mask: Optional[Path] = typer.Option(None, help="Vertex mask file (.npy bool or .txt indices): fit only these vertices."),
+    iterations: int = typer.Option(150, help="Adam iterations."),
+    seed: int = typer.Option(0, help="Random seed of the starting codes."),
+) -> None:
+    """Find latent codes for registered faces (Eq. 12); writes fitted meshes, codes and errors in mm."""
+    from facegan.fit import FitOptions, fit_files, fit_split
+    from facegan.sampling import load
+
+    options = FitOptions(iterations=iterations, seed=seed, dense=True)
+    if data is not None:
+        result = fit_split(data, split, out, load(run), limit=limit, vertex_mask=mask, options=options)
+    elif meshes:
+        result = fit_files(meshes, out, load(run), vertex_mask=mask, options=options)
+    else:
+        raise FaceganError("give mesh files to fit, or --data DATA [--split test]")
+    typer.echo(f"fitted {len(result.mean_error)} meshes: mean error {float(result.mean_error.mean()):.3f} mm; wrote {out}")
+
+
+@app.command()
+def edit(
+    operation: str = typer.Argument(..., help="transfer, add or interpolate."),
+    source: List[Path] = typer.Option(..., "--source", help="Codes file (.json/.npz) or meshes (fitted first)."),
+    target: List[Path] = typer.Option(..., "--target", help="Codes file or meshes."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    run: Optional[Path] = typer.Option(None, help="Run folder or model file (default: the shipped model)."),
+    factor: Optional[str] = typer.Option(None, help="Factor to edit (transfer/add: expression; interpolate: identity)."),
+    steps: int = typer.Option(7, help="Interpolation steps."),
+) -> None:
+    """Edit faces in latent space: expression transfer/add (Fig. 9) or interpolation (Fig. 10)."""
+    from facegan.fit import edit_files, interpolate_files
+    from facegan.sampling import load
+
+    src = source[0] if len(source) == 1 else list(source)
+    tgt = target[0] if len(target) == 1 else list(target)
+    if operation in ("transfer", "add"):
+        edit_files(out, load(run), src, tgt, operations=(operation,), factor=factor or "expression")
+    elif operation == "interpolate":
+        interpolate_files(out, load(run), src, tgt, factor=factor or "identity", steps=steps)
+    else:
+        raise FaceganError(f"unknown edit operation '{operation}' (use transfer, add or interpolate)")
+    typer.echo(f"wrote {out}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 1, never a traceback."""
     try:

@@ -280,6 +280,8 @@ def _write_fit(stage: Path, names: Sequence[str], inputs: torch.Tensor, result: 
     curves = {"fit (sparse read)": result.errors.numpy()}
     if result.errors_dense is not None:
         curves["fit (dense decoding)"] = result.errors_dense.numpy()
+    if not bool(result.vertex_mask.all()):  # partial data: the vertices the fit saw, on their own
+        curves["fit (sparse read), masked-in vertices"] = result.errors[result.vertex_mask].numpy()
     cumulative_error_plot(stage / "cumulative_error.png", curves, f"{len(names)} meshes")
     shown = slice(0, min(grid_limit, len(names)))
     fits = result.vertices_dense if result.vertices_dense is not None else result.vertices

@@ -8,7 +8,6 @@ in [-1, 1], zero outside the mask). Layout is NHWC everywhere (torch's channels-
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterable
@@ -29,7 +28,7 @@ PAPER_ALPHA = 1.2
 # Our default: measured best for uint8 64 px images of ICT faces (benchmarks/bench_roundtrip.py).
 DEFAULT_ALPHA = 0.1
 # Meshes per sparse product in encode(): small enough that a chunk's vertices stay in cache.
-_ENCODE_CHUNK = 8
+_ENCODE_CHUNK = 16
 
 
 @dataclass(eq=False)
@@ -86,28 +85,20 @@ class GeometryImageCodec:
         return self.pixel_map.mask
 
     @cached_property
-    def _interpolation(self) -> torch.Tensor:
-        """Sparse CSR (H*W, V): row = pixel, barycentric weights on its triangle's vertices; empty
-        rows outside the mask, so a product fills whole images with no scatter."""
+    def _interpolation(self) -> sp.csr_matrix:
+        """Sparse (H*W, V) float32: row = pixel, barycentric weights on its triangle's vertices;
+        empty rows outside the mask, so a product fills whole images with no scatter."""
         pm = self.pixel_map
-        full = sp.csr_matrix(
+        rows = sp.csr_matrix(
             (np.ones(len(pm.pixels)), (pm.pixels, np.arange(len(pm.pixels)))),
             shape=(self.resolution**2, len(pm.pixels)),
-        ) @ pm.interpolation_matrix(self.template.triangles, self.template.n_vertices)
-        full = full.astype(np.float32).tocsr()
-        with warnings.catch_warnings():  # torch calls its sparse CSR support "beta"; it is used plainly here
-            warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(
-                torch.from_numpy(full.indptr.astype(np.int64)),
-                torch.from_numpy(full.indices.astype(np.int64)),
-                torch.from_numpy(full.data),
-                size=full.shape,
-            )
+        )
+        return (rows @ pm.interpolation_matrix(self.template.triangles, self.template.n_vertices)).astype(np.float32).tocsr()
 
     @cached_property
-    def _mean_image(self) -> torch.Tensor:
-        """(H*W, 3) the mean face interpolated at every pixel (0 outside the mask)."""
-        return self._interpolation @ torch.from_numpy(self.mean).to(torch.float32)
+    def _mean_image(self) -> np.ndarray:
+        """(H*W, 3) float32 the mean face interpolated at every pixel (0 outside the mask)."""
+        return (self._interpolation @ self.mean.astype(np.float32)).astype(np.float32)
 
     @cached_property
     def dense(self) -> DenseReconstructor:
@@ -115,19 +106,22 @@ class GeometryImageCodec:
 
     # ---- encoding -----------------------------------------------------------------------------
     def encode(self, meshes: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Float geometry images (N, H, W, 3) in mm of meshes (N, V, 3) in mm; 0 outside the mask."""
-        verts = meshes if torch.is_tensor(meshes) else torch.from_numpy(np.require(meshes, requirements=["C", "W"]))
-        verts = verts.to(torch.float32)
+        """Float geometry images (N, H, W, 3) in mm of meshes (N, V, 3) in mm; 0 outside the mask.
+
+        Runs on the CPU with scipy's sparse product (single-threaded: torch's threaded sparse
+        product stalls when the other core is busy, see benchmarks/bench_geometry_image.py).
+        """
+        verts = meshes.detach().cpu().numpy() if torch.is_tensor(meshes) else np.asarray(meshes)
         n_vertices = verts.shape[1]
         interp, mean_img = self._interpolation, self._mean_image
-        out = verts.new_empty(len(verts), self.resolution**2, 3)
+        out = np.empty((len(verts), self.resolution**2, 3), np.float32)
         # A few meshes per sparse product: their vertices, laid out (V, 3n), stay in cache.
         for start in range(0, len(verts), _ENCODE_CHUNK):
-            x = verts[start : start + _ENCODE_CHUNK]
+            x = np.asarray(verts[start : start + _ENCODE_CHUNK], dtype=np.float32)
             n = len(x)
-            pixels = interp @ x.permute(1, 0, 2).reshape(n_vertices, 3 * n)  # (H*W, 3n)
-            torch.sub(pixels.view(-1, n, 3).permute(1, 0, 2), mean_img, out=out[start : start + n])
-        return out.view(len(verts), self.resolution, self.resolution, 3)
+            pixels = interp @ np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(n_vertices, 3 * n)
+            np.subtract(pixels.reshape(-1, n, 3).transpose(1, 0, 2), mean_img, out=out[start : start + n])
+        return torch.from_numpy(out).view(len(verts), self.resolution, self.resolution, 3)
 
     def fit_range(self, batches: Iterable[torch.Tensor]) -> np.ndarray:
         """Set the quantization range from float images (batches of (N, H, W, 3), e.g. the whole
