@@ -94,3 +94,30 @@ def cap_obj(tmp_path) -> Path:
     """A template OBJ of the sphere cap with one ``vt`` per vertex."""
     v, f, uv = sphere_cap()
     return write_obj(tmp_path / "template.obj", v, f, uv)
+
+
+ICT_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ict-face-model"
+needs_ict = pytest.mark.skipif(
+    not (ICT_DIR / "shapes.npz").exists(), reason=f"ICT face model data not found at {ICT_DIR.resolve()}"
+)
+
+
+@pytest.fixture(scope="session")
+def ict():
+    """The ICT face model from ../shared, loaded once (skips when the data is absent)."""
+    from facegan.data.ict import load_ict
+
+    if not (ICT_DIR / "shapes.npz").exists():
+        pytest.skip(f"ICT face model data not found at {ICT_DIR.resolve()}")
+    return load_ict(ICT_DIR)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors gain nothing from a second thread, and on a busy machine OpenMP barriers stall."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

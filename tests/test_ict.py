@@ -14,17 +14,7 @@ from facegan.data.emotions import ICT_EXPRESSIONS
 from facegan.data.ict import NARROW_VERTICES, load_ict
 from facegan.errors import FaceganError
 
-ICT_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ict-face-model"
-needs_ict = pytest.mark.skipif(
-    not (ICT_DIR / "shapes.npz").exists(), reason=f"ICT face model data not found at {ICT_DIR.resolve()}"
-)
-
-
-@pytest.fixture(scope="module")
-def ict():
-    if not (ICT_DIR / "shapes.npz").exists():
-        pytest.skip(f"ICT face model data not found at {ICT_DIR.resolve()}")
-    return load_ict(ICT_DIR)
+from conftest import ICT_DIR, needs_ict  # the ICT data location and its skip mark
 
 
 @needs_ict

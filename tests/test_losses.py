@@ -13,13 +13,7 @@ from facegan.nn.losses import (BatchPlan, FaceGANLoss, LossWeights, class_weight
 from facegan.nn.networks import Discriminator, Generator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy machine OpenMP barriers stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_critic_losses_by_hand():

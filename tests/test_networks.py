@@ -6,13 +6,7 @@ import torch
 from facegan.nn.networks import N_SHARED_BLOCKS, Discriminator, Generator
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy machine OpenMP barriers stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def disk_mask(r: int) -> torch.Tensor:

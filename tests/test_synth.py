@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import igl
 import numpy as np
@@ -15,20 +14,10 @@ from facegan.data.deformation_transfer import (
     gradient_operator,
     transfer_vs_additive,
 )
-from facegan.data.ict import load_ict
+
 from facegan.data.synth import PROFILES, plan_dataset, summarize, synthesize
 
-ICT_DIR = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ict-face-model"
-needs_ict = pytest.mark.skipif(
-    not (ICT_DIR / "shapes.npz").exists(), reason=f"ICT face model data not found at {ICT_DIR.resolve()}"
-)
-
-
-@pytest.fixture(scope="module")
-def ict():
-    if not (ICT_DIR / "shapes.npz").exists():
-        pytest.skip(f"ICT face model data not found at {ICT_DIR.resolve()}")
-    return load_ict(ICT_DIR)
+from conftest import ICT_DIR, needs_ict  # the ICT data location and its skip mark
 
 
 @pytest.fixture(scope="module")

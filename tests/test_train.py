@@ -20,13 +20,7 @@ from facegan.train.data import TrainingImages, to_network, to_uint8
 from facegan.train.loop import train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy machine OpenMP barriers stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["g_channels=4", "d_channels=4", "feature_size=16", "batch_size=8", "max_iters=0", "epochs=2",
         "log_every=2", "sample_grid=2", "ckpt_every_iters=3", "ckpt_every_epochs=1", "sample_every_epochs=1",
