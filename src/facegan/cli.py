@@ -186,6 +186,18 @@ def sample(
     typer.echo(f"wrote {out}")
 
 
+@app.command("export-model")
+def export_model(
+    checkpoint: Path = typer.Argument(..., help="A run's checkpoint.safetensors."),
+    out: Path = typer.Option(..., "--out", "-o", help="Model file to write (G_ema, fixed codes, codec)."),
+) -> None:
+    """Write the few-MB sampling model of a training checkpoint (e.g. of a run still going)."""
+    from facegan.train.checkpoint import export_model_from_checkpoint
+
+    export_model_from_checkpoint(checkpoint, out)
+    typer.echo(f"wrote {out}")
+
+
 @app.command()
 def fit(
     meshes: List[Path] = typer.Argument(None, help="Registered meshes (OBJ/PLY) to fit."),

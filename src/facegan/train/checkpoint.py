@@ -143,3 +143,19 @@ def load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, t
             for key, value in opt.state.get(p, {}).items():
                 if torch.is_tensor(value) and value.shape == p.shape and value.stride() != p.stride():
                     opt.state[p][key] = torch.empty_like(p, dtype=value.dtype).copy_(value)
+
+
+MODEL_PREFIXES = ("G_ema.", "fixed_codes.", "codec.")
+MODEL_META_KEYS = ("config", "factors", "n_classes", "class_names", "code_sizes", "noise_size", "resolution",
+                   "classified", "codec_meta", "iteration")
+
+
+def export_model_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Write the sampling model (G_ema, fixed codes, codec; a few MB) of a training checkpoint to ``out``,
+    e.g. to ship the current state of a run that is still going."""
+    tensors, meta = load_checkpoint(checkpoint, "cpu")
+    if meta.get("kind") != "checkpoint":
+        raise FaceganError(f"{checkpoint}: not a training checkpoint (kind {meta.get('kind')!r})")
+    model = {k: v for k, v in tensors.items() if k.startswith(MODEL_PREFIXES)}
+    save_checkpoint(out, model, {"kind": "model", **{k: meta[k] for k in MODEL_META_KEYS if k in meta}})
+    return Path(out)
