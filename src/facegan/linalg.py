@@ -27,7 +27,3 @@ class FactoredSystem:
         self._solver.solve(b, x)
         return x
 
-
-def least_squares_normal(blocks: list[tuple[sp.spmatrix, float]]) -> sp.csr_matrix:
-    """Normal matrix sum_k w_k A_k^T A_k of a stacked weighted least-squares problem."""
-    return sum(w * (A.T @ A) for A, w in blocks).tocsr()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from facegan.errors import FaceganError
-from facegan.fileio import atomic_path
+from facegan.fileio import atomic_path, read_json
 from facegan.mesh.template import Template, load_template
 
 #: Vertices 0..6705 form the narrow face area (polygons 0..6559), see the data README.
@@ -205,12 +204,9 @@ def _load_compact(folder: Path, source: Path) -> ICTModel:
 
 
 def _read_indices(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FaceganError(f"{path}: file not found (incomplete ICT face model folder)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise FaceganError(f"{path}: not valid JSON ({exc})") from None
+    if not path.exists():
+        raise FaceganError(f"{path}: file not found (incomplete ICT face model folder)")
+    data = read_json(path)
     for key in ("expressions", "idx_to_landmark_verts"):
         if key not in data:
             raise FaceganError(f"{path}: no {key!r} entry")
