@@ -16,10 +16,10 @@ import torch
 from conftest import grid_plane
 from facegan.errors import FaceganError
 from facegan.fit import fitting
-from facegan.fit.fitting import (FitOptions, VertexReader, bilinear_matrix, decode_codes, fit_meshes, fitting_network,
+from facegan.fit.fitting import (FitOptions, VertexReader, decode_codes, fit_meshes, fitting_network,
                                  untrained_model)
 from facegan.fit.outputs import fit_files, fit_split, load_codes, load_vertex_mask
-from facegan.geometry_image import GeometryImageCodec, bilinear_read
+from facegan.geometry_image import GeometryImageCodec, bilinear_matrix, bilinear_read
 from facegan.mesh.io import write_mesh
 from facegan.mesh.template import Template
 

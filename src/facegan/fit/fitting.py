@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 
 from facegan.errors import FaceganError
-from facegan.geometry_image import GeometryImageCodec
+from facegan.geometry_image import GeometryImageCodec, bilinear_matrix
 from facegan.model import FaceModel
 
 PAPER_PRIOR_WEIGHT = 1e-4  # lambda of Eq. 12
@@ -161,24 +161,6 @@ def model_codec(model: FaceModel) -> GeometryImageCodec:
 
 
 # ------------------------------------------------------------------------ the vertex reader
-
-
-def bilinear_matrix(points: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The bilinear read of :func:`facegan.geometry_image.bilinear_read` as a sparse matrix.
-
-    points: (K, 2) pixel coordinates (x, y). Returns COO (rows (4K,), cols (4K,), weights (4K,))
-    of the (K, H*W) matrix whose product with a flattened image gives the same samples (same floor
-    and clamp at the last row/column as ``bilinear_read``).
-    """
-    pts = np.asarray(points, dtype=np.float64)
-    x0 = np.clip(np.floor(pts[:, 0]), 0, width - 2)
-    y0 = np.clip(np.floor(pts[:, 1]), 0, height - 2)
-    fx, fy = pts[:, 0] - x0, pts[:, 1] - y0
-    base = (y0 * width + x0).astype(np.int64)
-    cols = np.stack([base, base + 1, base + width, base + width + 1], axis=1)
-    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
-    rows = np.repeat(np.arange(len(pts)), 4)
-    return rows, cols.ravel(), weights.ravel()
 
 
 def _sparse_csr(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:

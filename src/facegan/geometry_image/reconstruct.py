@@ -16,6 +16,14 @@ from facegan.mesh.template import Template
 _MAX_OPERATOR_ENTRIES = 120_000_000
 
 
+def _bilinear_corners(x: torch.Tensor, y: torch.Tensor, height: int, width: int):
+    """Flat index of the top-left pixel and fractional offsets (fx, fy) of a bilinear read at
+    pixel coordinates (x, y); the floor is clamped so the last row/column reads its neighbours."""
+    x0 = x.floor().clamp(0, width - 2)
+    y0 = y.floor().clamp(0, height - 2)
+    return (y0 * width + x0).long(), x - x0, y - y0
+
+
 def bilinear_read(images: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Bilinear samples (N, K, C) of images (N, H, W, C) at pixel coordinates points (K, 2) = (x, y).
 
@@ -23,15 +31,27 @@ def bilinear_read(images: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """
     n, h, w, c = images.shape
     pts = points.to(images.device, torch.float64)
-    x0 = pts[:, 0].floor().clamp(0, w - 2)
-    y0 = pts[:, 1].floor().clamp(0, h - 2)
-    fx = (pts[:, 0] - x0).to(images.dtype)[None, :, None]
-    fy = (pts[:, 1] - y0).to(images.dtype)[None, :, None]
-    base = (y0 * w + x0).long()
+    base, fx, fy = _bilinear_corners(pts[:, 0], pts[:, 1], h, w)
+    fx = fx.to(images.dtype)[None, :, None]
+    fy = fy.to(images.dtype)[None, :, None]
     flat = images.reshape(n, h * w, c)
     p00, p01 = flat[:, base], flat[:, base + 1]
     p10, p11 = flat[:, base + w], flat[:, base + w + 1]
     return (p00 * (1 - fx) + p01 * fx) * (1 - fy) + (p10 * (1 - fx) + p11 * fx) * fy
+
+
+def bilinear_matrix(points: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bilinear read of :func:`bilinear_read` as a sparse matrix.
+
+    points: (K, 2) pixel coordinates (x, y). Returns COO (rows (4K,), cols (4K,), weights (4K,))
+    of the (K, H*W) matrix whose product with a flattened image gives the same samples.
+    """
+    pts = torch.as_tensor(np.asarray(points, dtype=np.float64))
+    base, fx, fy = (t.numpy() for t in _bilinear_corners(pts[:, 0], pts[:, 1], height, width))
+    cols = np.stack([base, base + 1, base + width, base + width + 1], axis=1)
+    weights = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    rows = np.repeat(np.arange(len(pts)), 4)
+    return rows, cols.ravel(), weights.ravel()
 
 
 class DenseReconstructor(torch.nn.Module):
