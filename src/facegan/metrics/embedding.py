@@ -163,7 +163,7 @@ class MeshRenderer:
 
         meshes = np.asarray(meshes) if not isinstance(meshes, Tensor) else meshes.detach().cpu().numpy()
         out = [
-            render_meshes(torch.as_tensor(np.asarray(meshes[s : s + self.batch], np.float32)), self.triangles, self.size, mode="normals", view=self.view)
+            render_meshes(torch.as_tensor(np.array(meshes[s : s + self.batch], np.float32)), self.triangles, self.size, mode="normals", view=self.view)
             for s in range(0, len(meshes), self.batch)
         ]
         return torch.cat(out) if out else torch.zeros(0, self.size, self.size, 3, dtype=torch.uint8)

@@ -63,6 +63,22 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     return tensors, meta
 
 
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
+    """The JSON metadata of a file written by :func:`save_checkpoint`, without reading its tensors."""
+    path = Path(path)
+    _check_layout(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+        if header.get("format") != FORMAT:
+            raise FaceganError(f"{path}: a safetensors file but not a facegan checkpoint")
+        return json.loads(header["facegan"])
+    except FaceganError:
+        raise
+    except Exception as exc:
+        raise FaceganError(f"{path}: corrupt checkpoint ({_one_line(exc)})") from None
+
+
 def _check_layout(path: Path) -> None:
     """Validate the safetensors framing: header length, JSON header, data size matching the offsets."""
     try:
