@@ -172,6 +172,9 @@ def test_report_files_and_cached_results(data, ict, tmp_path):
     np.testing.assert_array_equal(again["examples"]["identity"], first["examples"]["identity"])
     np.testing.assert_array_equal(again["metrics"]["generalization"]["fits"], first["metrics"]["generalization"]["fits"])
     assert markdown_tables([again]) == markdown_tables([json_ready(first)])
+    recomputed = []
+    _cached_evaluation(tmp_path / "cache", "m", lambda: recomputed.append(1) or results[1], stamp={"judges": "other"})
+    assert recomputed  # made with other judges or sizes: stale
 
 
 def test_findings_on_hand_made_numbers():

@@ -107,12 +107,16 @@ def _train_baseline(ds: RegisteredDataset, path: Path, kind: str, progress: bool
     return path
 
 
-def _cached_evaluation(folder: Path, key: str, compute) -> dict:
-    """An evaluation result from ``folder/key.json`` + ``key.npz`` (figure arrays), else computed and saved."""
+def _cached_evaluation(folder: Path, key: str, compute, stamp: dict | None = None) -> dict:
+    """An evaluation result from ``folder/key.json`` + ``key.npz`` (figure arrays), else computed and saved.
+
+    stamp: what the result depends on besides the model (evaluation sizes, judges); a cached result made
+    with another stamp is recomputed."""
     from facegan.fileio import atomic_path
 
     numbers, arrays = folder / f"{key}.json", folder / f"{key}.npz"
-    if numbers.exists() and arrays.exists():
+    stamp = json_ready(stamp or {})
+    if numbers.exists() and arrays.exists() and read_json(numbers).get("stamp", {}) == stamp:
         result = read_json(numbers)
         with np.load(arrays, allow_pickle=False) as stored:
             for name in stored.files:
@@ -120,7 +124,7 @@ def _cached_evaluation(folder: Path, key: str, compute) -> dict:
                 target = result.setdefault("examples", {}) if group == "examples" else result["metrics"].setdefault(group, {})
                 target[item] = stored[name]
         return result
-    result = compute()
+    result = compute() | {"stamp": stamp}
     flat = {f"examples/{k}": v for k, v in result.get("examples", {}).items()}
     flat |= {f"{g}/{k}": v for g, entry in result["metrics"].items() if isinstance(entry, dict)
              for k, v in entry.items() if isinstance(v, np.ndarray)}
@@ -129,6 +133,16 @@ def _cached_evaluation(folder: Path, key: str, compute) -> dict:
             np.savez(fh, **flat)
     write_json(numbers, json_ready(result))
     return result
+
+
+def _evaluation_stamp(config: EvalConfig) -> dict:
+    """The evaluation sizes and the judges' profile: a cached result made with others is stale."""
+    from dataclasses import asdict
+
+    from facegan.evaluation.judges import JUDGE_PROFILES
+
+    judges = asdict(JUDGE_PROFILES[config.judges]) if config.judges in JUDGE_PROFILES else config.judges
+    return {"config": {**config.__dict__, "metrics": list(config.metrics)}, "judges": judges}
 
 
 def table1(data: str | os.PathLike, out: str | os.PathLike, profile: str = "small",
@@ -172,11 +186,13 @@ def table1(data: str | os.PathLike, out: str | os.PathLike, profile: str = "smal
     config = setup.evaluation
     evaluation = EvaluationData(ds, judges_profile=config.judges, judges_dir=str(runs / "judges"), progress=progress)
     folder = runs / "evaluation"
-    results = [stage(f"evaluate/{REAL}", lambda: _cached_evaluation(folder, REAL, lambda: evaluate_real(evaluation, config)))]
+    stamp = _evaluation_stamp(config)
+    results = [stage(f"evaluate/{REAL}", lambda: _cached_evaluation(folder, REAL, lambda: evaluate_real(evaluation, config),
+                                                                     stamp))]
     for key in keys:
         generator = lambda k=key: load_generator(paths[k], TABLE1_MODELS[k])  # noqa: E731
         results.append(stage(f"evaluate/{key}", lambda k=key, g=generator: _cached_evaluation(
-            folder, k, lambda: evaluate(g(), evaluation, config))))
+            folder, k, lambda: evaluate(g(), evaluation, config), stamp)))
     header = _header(ds, config, evaluation) | {"profile": profile, "train_overrides": list(setup.train_overrides),
                                                 "timings_seconds": timings}
     out = Path(out)

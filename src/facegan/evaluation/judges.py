@@ -56,7 +56,7 @@ from facegan.fileio import read_json, write_json
 from facegan.metrics.decoupling import calibrate_threshold
 from facegan.metrics.embedding import EmbeddingConfig, MeshEmbedder, fixed_view, load_embedding, pk_batches, train_embedding
 
-__all__ = ["JudgeProfile", "JUDGE_PROFILES", "FactorJudge", "dataset_judges", "dataset_fingerprint"]
+__all__ = ["JudgeProfile", "JUDGE_PROFILES", "FactorJudge", "dataset_judges", "dataset_fingerprint", "distinct_rows"]
 
 FACTORS = ("identity", "expression")
 CACHE_VERSION = 1
@@ -137,6 +137,13 @@ def dataset_fingerprint(dataset: RegisteredDataset, n_sample: int = 16) -> dict:
     }
 
 
+def distinct_rows(meshes: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The rows (K,) of ``rows`` whose mesh (V, 3) is not an exact copy of an earlier one."""
+    flat = np.asarray(meshes[rows]).reshape(len(rows), -1)
+    _, first = np.unique(flat, axis=0, return_index=True)
+    return rows[np.sort(first)]
+
+
 def dataset_judges(
     dataset: RegisteredDataset,
     cache_dir: str | Path,
@@ -154,7 +161,7 @@ def dataset_judges(
     cache = Path(cache_dir)
     manifest_path = cache / "judges.json"
     expected = {"version": CACHE_VERSION, "profile": asdict(profile), "seed": seed, "dataset": dataset_fingerprint(dataset)}
-    train, test = dataset.split("train"), dataset.split("test")
+    train = dataset.split("train")
     if manifest_path.exists():
         manifest = read_json(manifest_path)
         _check_manifest(manifest, expected, manifest_path)
@@ -165,6 +172,7 @@ def dataset_judges(
         manifest = expected | {"view": list(fixed_view(dataset.meshes[train])), "judges": {}}
         write_json(manifest_path, manifest)
     triangles = dataset.template.triangles
+    validation = distinct_rows(dataset.meshes, dataset.split("test"))
     judges = {}
     for factor in FACTORS:
         path = cache / f"{factor}.safetensors"
@@ -175,7 +183,7 @@ def dataset_judges(
             net, config, epochs, n_train = _train(factor, dataset, train, labels, profile, tuple(manifest["view"]), path, progress, seed)
             embedder = MeshEmbedder(net, triangles, config)
             try:
-                found = calibrate_threshold(embedder, dataset.meshes[test], labels[test], profile.n_pairs, profile.max_far, rng=seed)
+                found = calibrate_threshold(embedder, dataset.meshes[validation], labels[validation], profile.n_pairs, profile.max_far, rng=seed)
             except ValueError as exc:
                 raise FaceganError(f"{dataset.root}: the test split cannot calibrate the {factor} judge ({exc})") from None
             entry = {
@@ -184,6 +192,7 @@ def dataset_judges(
                 "far": found["far"],
                 "epochs": epochs,
                 "train_meshes": n_train,
+                "validation_meshes": int(np.count_nonzero(labels[validation] >= 0)),
                 "validation_pairs": len(found["same"]),
                 "seconds": round(time.perf_counter() - start, 1),
             }
