@@ -9,8 +9,8 @@ network; the other fields as in the "small" profile) the judges of ``--data`` ar
 default; an existing cache is loaded, so a second run only re-measures the judging). Columns:
 training + calibration seconds per network, validation accuracy and FAR at the chosen tau (test
 split pairs), and the decoupling protocol's 2 x 100 x (100 + 1) meshes judged by both networks.
-The judged meshes are test meshes: each anchor with 100 test meshes of the same label (drawn with
-replacement), so "data %" is the decoupling score the data itself gets, the ceiling for a model.
+The judged meshes are the distinct test meshes: each anchor with 100 others of the same label (drawn
+with replacement), so "data %" is the decoupling score the data itself gets, a model's ceiling.
 Wall-clock: other processes on the machine slow it down (the load average is printed).
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from facegan.data.dataset import open_dataset
-from facegan.evaluation.judges import JUDGE_PROFILES, dataset_judges
+from facegan.evaluation.judges import JUDGE_PROFILES, dataset_judges, distinct_rows
 from facegan.fileio import read_json
 from facegan.metrics.decoupling import decoupling_score
 
@@ -49,7 +49,7 @@ def same_label_groups(dataset, labels: np.ndarray, rows: np.ndarray, n: int, m: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="data/ict-small")
-    ap.add_argument("--settings", nargs="+", default=["0.125:48:1000", "0.25:64:2000", "0.5:96:2000"])
+    ap.add_argument("--settings", nargs="+", default=["0.125:48:2000", "0.25:64:2000", "0.25:64:4000", "0.25:96:4000"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cache", default=None, help="folder for the judges (default: a temporary one)")
     ap.add_argument("--n", type=int, default=100, help="anchors per factor")
@@ -60,7 +60,7 @@ def main() -> None:
     dataset = open_dataset(args.data)
     cache = Path(args.cache or tempfile.mkdtemp(prefix="bench-judges-"))
     print(f"load average {os.getloadavg()[0]:.2f}, {args.threads} threads; {args.data}: {len(dataset)} meshes; cache {cache}")
-    test = dataset.split("test")
+    test = distinct_rows(dataset.meshes, dataset.split("test"))  # as the calibration: no copies
     rows = []
     for setting in args.settings:
         width, size, steps = setting.split(":")
