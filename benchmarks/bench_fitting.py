@@ -34,7 +34,8 @@ import torch
 
 from facegan.data.dataset import open_dataset
 from facegan.data.encode import load_codec
-from facegan.fit.fitting import FitOptions, decode_codes, fit_meshes, model_codec, untrained_model
+from facegan.fit.fitting import FitOptions, decode_codes, fit_meshes, untrained_model
+from facegan.sampling import codec_of
 from facegan.fit.outputs import cumulative_error_plot
 from facegan.geometry_image.roundtrip import vertex_errors
 from facegan.model import FaceModel
@@ -71,7 +72,7 @@ def speed(model, meshes: np.ndarray, options: FitOptions, n_single: int) -> None
 
 
 def generalization(model: FaceModel, ds, meshes: np.ndarray, result, out: Path) -> None:
-    codec = model_codec(model)
+    codec = codec_of(model)
     floors = {f"round trip {m} (uint8)": vertex_errors(codec, meshes, m, "uint8") for m in ("sparse", "dense")}
     print("\n| errors on the test split (mm) | mean | median of per-mesh means | 95th pct vertex |")
     print("|---|---|---|---|")

@@ -84,7 +84,7 @@ def main() -> None:
     print(f"| encode | {args.n / t_batch:,.0f} | {args.n / t_loop:,.0f} | {t_loop / t_batch:.1f}x |")
 
     images = codec.dequantize(codec.quantize(codec.encode(batch)))
-    codec.dense  # build the operator outside the timing (done once per codec)
+    codec.dense.operator  # form the operator outside the timing (done once per codec)
     L = cotangent_laplacian(codec.template.vertices, codec.template.triangles)
     A = (B.T @ B + codec.alpha * (L.T @ L)).tocsc()
     pixels = images.reshape(len(images), -1, 3)[:, torch.from_numpy(codec.pixel_map.pixels)].numpy()
@@ -98,6 +98,16 @@ def main() -> None:
         t_batch = timed(lambda: codec.decode_dense(images))
     t_loop = timed(dense_per_mesh, 1) * args.n / n_loop
     print(f"| dense reconstruction | {args.n / t_batch:,.0f} | {args.n / t_loop:,.0f} | {t_loop / t_batch:.1f}x |")
+
+    # DenseReconstructor solves small batches through the factorization, large ones by the operator:
+    # both paths at several batch sizes show where they cross (reconstruct._OPERATOR_MIN_BATCH).
+    rec, pixels_t = codec.dense, torch.from_numpy(pixels).float()
+    print("\n| meshes | operator (ms) | factored solve (ms) | factored / operator |\n|---|---|---|---|")
+    for n in (1, 4, 16, 64, 256):
+        with torch.no_grad():
+            t_op = timed(lambda: rec.by_operator(pixels_t[:n]))
+            t_solve = timed(lambda: rec.by_factorization(pixels_t[:n]))
+        print(f"| {n} | {t_op * 1e3:.1f} | {t_solve * 1e3:.1f} | {t_solve / t_op:.2f} |")
 
 
 if __name__ == "__main__":

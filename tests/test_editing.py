@@ -15,6 +15,7 @@ from facegan.fit.editing import (add_expression, add_factor, check_codes, edit_m
                                  transfer_expression)
 from facegan.fit.fitting import FitOptions
 from facegan.fit.outputs import codes_to_json, edit_files, interpolate_files, load_codes
+from facegan.sampling import codec_of
 from facegan.mesh.io import read_mesh_vertices, write_mesh
 from test_fitting import small_model
 
@@ -135,7 +136,7 @@ def test_edit_files_from_codes(model, codes, tmp_path):
     assert (out / "edits.png").is_file()
     written = sorted(p.name for p in (out / "meshes").iterdir())
     assert written == sorted(f"tgt{i}_from_src0_{op}.obj" for i in range(2) for op in ("transfer", "add"))
-    n_vertices = fitting.model_codec(model).template.n_vertices
+    n_vertices = codec_of(model).template.n_vertices
     mesh = read_mesh_vertices(out / "meshes" / "tgt1_from_src0_transfer.obj", n_vertices)
     np.testing.assert_allclose(mesh, meshes["transfer"][1].numpy(), atol=1e-5)
     replaced = load_codes(out / "codes_transfer.json", model)
@@ -144,7 +145,7 @@ def test_edit_files_from_codes(model, codes, tmp_path):
 
 
 def test_edit_files_from_meshes_fits_them_first(model, codes, tmp_path):
-    template = fitting.model_codec(model).template
+    template = codec_of(model).template
     faces = edit_meshes(model, codes, "sparse")
     paths = []
     for i in range(2):

@@ -20,6 +20,7 @@ from facegan.fit.fitting import (FitOptions, VertexReader, decode_codes, fit_mes
                                  untrained_model)
 from facegan.fit.outputs import fit_files, fit_split, load_codes, load_vertex_mask
 from facegan.geometry_image import GeometryImageCodec, bilinear_matrix, bilinear_read
+from facegan.sampling import codec_of
 from facegan.mesh.io import write_mesh
 from facegan.mesh.template import Template
 
@@ -55,7 +56,7 @@ def generated(model):
 
 
 def test_reader_and_folded_generator_match_the_codec(model):
-    codec = fitting.model_codec(model)
+    codec = codec_of(model)
     z = torch.randn(3, 12)
     with torch.no_grad():
         images = model.generate([z[:, :6], z[:, 6:10]], z[:, 10:])
@@ -67,12 +68,12 @@ def test_reader_and_folded_generator_match_the_codec(model):
 
 @pytest.mark.parametrize("use_scipy", [True, False], ids=["scipy", "torch-csr"])
 def test_reader_gradient_is_the_transposed_read(model, use_scipy):
-    reader = VertexReader(fitting.model_codec(model), use_scipy=use_scipy)
+    reader = VertexReader(codec_of(model), use_scipy=use_scipy)
     images = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_(True)
     weights = torch.randn(2, reader.n_vertices, 3)
     (reader(images) * weights).sum().backward()
     reference = images.detach().clone().requires_grad_(True)
-    codec = fitting.model_codec(model)
+    codec = codec_of(model)
     read = bilinear_read(codec.from_network(reference.permute(0, 2, 3, 1)),
                          torch.from_numpy(codec.pixel_map.vertex_pixels))
     (read * weights).sum().backward()
@@ -114,7 +115,7 @@ def test_fitted_codes_regenerate_the_fit(model, generated):
 def test_dense_refinement_reports_both_errors(model, generated):
     faces, _, typical = generated
     result = fit_meshes(model, faces[:2], options=replace(FAST, dense=True))
-    codec = fitting.model_codec(model)
+    codec = codec_of(model)
     expected = decode_codes(model, result.codes, "dense")
     torch.testing.assert_close(result.vertices_dense, expected)
     torch.testing.assert_close(result.mean_error_dense, (expected - faces[:2]).norm(dim=-1).mean(1))
@@ -249,7 +250,7 @@ def test_bad_options_raise(model, generated):
 
 
 def _write_faces(folder: Path, faces: torch.Tensor, model) -> list[Path]:
-    template = fitting.model_codec(model).template
+    template = codec_of(model).template
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, face in enumerate(faces):

@@ -17,7 +17,7 @@ from facegan.train import loop
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
 from facegan.train.config import TrainConfig, apply_overrides, make_config
 from facegan.train.data import TrainingImages, to_network, to_uint8
-from facegan.train.loop import train
+from facegan.train.loop import logged_training_seconds, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -270,3 +270,10 @@ def test_ddp_two_processes(tmp_path):
     assert meta["world_size"] == 2 and meta["iteration"] == 8
     assert not torch.equal(tensors["rng.sample.rank0"], tensors["rng.sample.rank1"])  # own fake streams
     assert FaceModel.load(tmp_path / "run").sample(2)[0].shape == (2, 3, 16, 16)
+
+
+def test_logged_training_seconds_sums_the_segments_of_a_resumed_run(tmp_path):
+    # the clock restarts at each resume; rows after the resumed checkpoint were dropped
+    (tmp_path / "log.csv").write_text("iteration,epoch,seconds\n25,1,40.0\n50,2,80.5\n75,3,30.0\n100,4,61.0\n")
+    assert logged_training_seconds(tmp_path) == pytest.approx(80.5 + 61.0)
+    assert logged_training_seconds(tmp_path / "missing") == 0.0

@@ -250,6 +250,21 @@ def edit(
 
 
 @app.command()
+def explore(
+    run: Optional[Path] = typer.Option(None, help="Run folder or model file (default: the shipped model)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; other than loopback, anyone who can "
+                             "reach this machine can use the page."),
+    port: int = typer.Option(8765, help="Port (0: any free port)."),
+    max_upload_mb: float = typer.Option(20.0, help="Largest mesh upload accepted, in MB (10^6 bytes)."),
+    browser: bool = typer.Option(True, "--browser/--no-browser", help="Open the page in a web browser."),
+) -> None:
+    """Serve an interactive page to look at, draw, edit and fit faces (docs/explore.md)."""
+    from facegan.explore.server import serve
+
+    serve(run, host, port, int(max_upload_mb * 1e6), open_browser=browser, echo=typer.echo)
+
+
+@app.command()
 def baseline(
     kind: str = typer.Argument(..., help="linear, tucker or autoencoder."),
     data: Path = typer.Option(DEFAULT_DATA, "--data", help="Dataset folder (trained on its train split)."),

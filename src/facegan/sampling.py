@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +36,24 @@ def load(run: str | os.PathLike | None = None, device: torch.device | str | None
     return FaceModel.load(path, device or default_device())
 
 
+_CODECS: "weakref.WeakKeyDictionary[FaceModel, GeometryImageCodec]" = weakref.WeakKeyDictionary()
+
+
 def codec_of(model: FaceModel) -> GeometryImageCodec:
-    """The geometry-image codec saved with the model (mean face, quantization range, template)."""
-    if not model.codec_tensors:
-        raise FaceganError(f"{model.source}: the model has no geometry-image codec saved with it")
-    return GeometryImageCodec.from_state(model.codec_tensors, model.codec_meta)
+    """The geometry-image codec stored with ``model`` (built once per model and cached)."""
+    codec = _CODECS.get(model)
+    if codec is None:
+        if not model.codec_tensors:
+            raise FaceganError(f"{model.source or 'model'}: no geometry-image codec stored with the model")
+        try:
+            codec = GeometryImageCodec.from_state(model.codec_tensors, model.codec_meta)
+        except KeyError as exc:
+            raise FaceganError(f"{model.source or 'model'}: codec state lacks {exc}") from None
+        if codec.resolution != model.resolution:
+            raise FaceganError(f"{model.source or 'model'}: codec is {codec.resolution} px, "
+                               f"the generator {model.resolution} px")
+        _CODECS[model] = codec
+    return codec
 
 
 def images_to_meshes(codec: GeometryImageCodec, images: torch.Tensor, method: str = "dense") -> torch.Tensor:

@@ -23,7 +23,6 @@ from facegan.fit.fitting import (
     decode_codes,
     fit_meshes,
     join_codes,
-    model_codec,
     split_codes,
 )
 from facegan.fit.outputs import (
@@ -54,7 +53,6 @@ __all__ = [
     "join_codes",
     "load_codes",
     "load_vertex_mask",
-    "model_codec",
     "replace_factor",
     "split_codes",
     "transfer_expression",

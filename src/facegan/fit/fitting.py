@@ -26,10 +26,8 @@ synchronizes with the host. See docs/fitting.md for the measurements behind the 
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
-import os
 import time
 import warnings
 import weakref
@@ -41,9 +39,11 @@ import scipy.sparse as sp
 import torch
 import torch.nn as nn
 
+from facegan.device import idle_threads, torch_threads
 from facegan.errors import FaceganError
 from facegan.geometry_image import GeometryImageCodec, bilinear_matrix
 from facegan.model import FaceModel
+from facegan.sampling import codec_of
 
 PAPER_PRIOR_WEIGHT = 1e-4  # lambda of Eq. 12
 PRECISIONS = ("bf16", "fp32")
@@ -140,24 +140,6 @@ class FitResult:
 # ------------------------------------------------------------------------------------ the codec
 
 
-_CODECS: "weakref.WeakKeyDictionary[FaceModel, GeometryImageCodec]" = weakref.WeakKeyDictionary()
-
-
-def model_codec(model: FaceModel) -> GeometryImageCodec:
-    """The geometry-image codec stored with ``model`` (built once per model and cached)."""
-    codec = _CODECS.get(model)
-    if codec is None:
-        if not model.codec_tensors:
-            raise FaceganError(f"{model.source or 'model'}: no geometry-image codec stored with the model")
-        try:
-            codec = GeometryImageCodec.from_state(model.codec_tensors, model.codec_meta)
-        except KeyError as exc:
-            raise FaceganError(f"{model.source or 'model'}: codec state lacks {exc}") from None
-        if codec.resolution != model.resolution:
-            raise FaceganError(f"{model.source or 'model'}: codec is {codec.resolution} px, "
-                               f"the generator {model.resolution} px")
-        _CODECS[model] = codec
-    return codec
 
 
 # ------------------------------------------------------------------------ the vertex reader
@@ -488,35 +470,15 @@ def fit_meshes(
     """
     options = (options or FitOptions()).validate()
     threads = options.threads or idle_threads()
-    with _torch_threads(threads):
+    with torch_threads(threads):
         result = _fit(model, meshes, vertex_mask, options, face_seeds)
     result.threads = threads
     return result
 
 
-def idle_threads() -> int:
-    """torch's thread count, lowered to the cores the 1-minute load average leaves idle (>= 1)."""
-    try:
-        busy = round(os.getloadavg()[0])
-    except OSError:  # no load average on this platform
-        return torch.get_num_threads()
-    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int):
-    """Run with ``threads`` intra-op threads, restoring torch's setting afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def _fit(model, meshes, vertex_mask, options: FitOptions, face_seeds) -> FitResult:
     started = time.perf_counter()
-    codec = model_codec(model)
+    codec = codec_of(model)
     device = model.device
     targets = check_meshes(meshes, codec.template.n_vertices)
     mask = check_vertex_mask(vertex_mask, len(targets), targets.shape[1])
@@ -591,7 +553,7 @@ def decode_codes(model: FaceModel, codes: dict[str, torch.Tensor], method: str =
                  chunk: int = 128) -> torch.Tensor:
     """Meshes (N, V, 3) mm of codes {factor: (N, size), "noise": (N, noise_size)}: G(z) decoded by
     the model's codec, ``method`` "dense" (Laplacian least squares, Eq. 4) or "sparse" (bilinear read)."""
-    codec = model_codec(model)
+    codec = codec_of(model)
     z = join_codes(model, codes).to(model.device)
     out = []
     with torch.no_grad():

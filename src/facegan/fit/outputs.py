@@ -38,7 +38,8 @@ import torch
 from facegan.errors import FaceganError
 from facegan.fileio import read_json
 from facegan.fit.editing import check_codes, interpolate, replace_factor, add_factor, n_rows, edit_meshes
-from facegan.fit.fitting import FitOptions, FitResult, fit_meshes, model_codec
+from facegan.fit.fitting import FitOptions, FitResult, fit_meshes
+from facegan.sampling import codec_of
 from facegan.mesh.io import read_mesh_vertices, write_mesh
 from facegan.model import FaceModel
 
@@ -179,7 +180,7 @@ def resolve_codes(spec: PathLike | Sequence[PathLike], model: FaceModel, options
         return codes, names or [f"{paths[0].stem}{i}" for i in range(n_rows(codes))], None
     if kinds != {False}:
         raise FaceganError(f"{what}: mix of codes files and meshes; give one codes file or mesh files")
-    meshes, names = read_meshes(paths, model_codec(model).template.n_vertices)
+    meshes, names = read_meshes(paths, codec_of(model).template.n_vertices)
     fit = fit_meshes(model, meshes, options=options)
     return fit.codes, names, fit
 
@@ -269,7 +270,7 @@ def _write_fit(stage: Path, names: Sequence[str], inputs: torch.Tensor, result: 
                grid_limit: int, heat_max_mm: float | None) -> None:
     from facegan.render import save_png
 
-    template = model_codec(model).template
+    template = codec_of(model).template
     (stage / "meshes").mkdir()
     for i, name in enumerate(names):
         _write_obj(stage / "meshes" / f"{name}_fit.obj", result.vertices[i], template)
@@ -315,7 +316,7 @@ def fit_files(mesh_paths: Sequence[PathLike], out_dir: PathLike, model: FaceMode
     vertex_mask: None, a (V,) / (B, V) bool array, or a mask file (see :func:`load_vertex_mask`);
     options: FitOptions (default: defaults with dense decoding). Returns the FitResult (mesh i = path i).
     """
-    n_vertices = model_codec(model).template.n_vertices
+    n_vertices = codec_of(model).template.n_vertices
     meshes, names = read_meshes(mesh_paths, n_vertices)
     if isinstance(vertex_mask, (str, os.PathLike)):
         vertex_mask = load_vertex_mask(vertex_mask, n_vertices)
@@ -342,7 +343,7 @@ def fit_split(dataset, split: str, out_dir: PathLike, model: FaceModel, *, limit
         raise FaceganError(f"{ds.root}: the {split!r} split has no meshes")
     if limit is not None and len(index) > limit:
         index = index[np.linspace(0, len(index) - 1, limit).round().astype(int)]
-    n_vertices = model_codec(model).template.n_vertices
+    n_vertices = codec_of(model).template.n_vertices
     meshes = np.asarray(ds.meshes[index], dtype=np.float32)
     if meshes.shape[1] != n_vertices:
         raise FaceganError(f"{ds.root}: meshes have {meshes.shape[1]} vertices, the model's template has {n_vertices}")
@@ -397,7 +398,7 @@ def edit_files(out_dir: PathLike, model: FaceModel, source: PathLike | Sequence[
     meshes = {op: edit_meshes(model, codes, method) for op, codes in edited.items()}
     shown = {"source": edit_meshes(model, source_codes, method), "target": edit_meshes(model, target_codes, method)}
     column_names = {"transfer": "replaced", "add": "added"}
-    template = model_codec(model).template
+    template = codec_of(model).template
     with staged_output(out_dir) as stage:
         (stage / "meshes").mkdir()
         for op in operations:
@@ -424,7 +425,7 @@ def interpolate_files(out_dir: PathLike, model: FaceModel, a: PathLike | Sequenc
     codes_a, codes_b, pair_names = _pairs(codes_a, codes_b, names_a, names_b, "_to_")
     mixed = interpolate(codes_a, codes_b, factor, steps)
     meshes = edit_meshes(model, mixed, method).reshape(len(pair_names), steps, -1, 3)
-    template = model_codec(model).template
+    template = codec_of(model).template
     with staged_output(out_dir) as stage:
         (stage / "meshes").mkdir()
         for i, name in enumerate(pair_names):

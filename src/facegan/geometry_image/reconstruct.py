@@ -14,6 +14,10 @@ from facegan.mesh.template import Template
 # Above this many operator entries (V x P floats) the dense operator is not formed and solves go
 # through the sparse factorization instead (e.g. 256 px images).
 _MAX_OPERATOR_ENTRIES = 120_000_000
+# Batches smaller than this go through the factorization even when the operator fits: for one mesh
+# two sparse triangular solves take ~1 ms while the operator's product reads its ~100 MB (30-150 ms);
+# near 64 meshes the two are even (benchmarks/bench_geometry_image.py prints both).
+_OPERATOR_MIN_BATCH = 64
 
 
 def _bilinear_corners(x: torch.Tensor, y: torch.Tensor, height: int, width: int):
@@ -60,9 +64,9 @@ class DenseReconstructor(torch.nn.Module):
     B (P, V) interpolates vertex displacements at the mask pixels' surface points, L is the
     cotangent Laplacian of the template (not mass-normalized), d = v - v_mean so the term
     |L v_mean - L v| of the paper becomes |L d|. The normal matrix A = B^T B + alpha L^T L is the
-    same for every mesh: it is factored once, and when it fits in memory the whole solve is
-    precomputed as a dense operator R = A^{-1} B^T (V, P), so a batch costs one matrix product
-    (and autograd comes for free).
+    same for every mesh: it is factored once. Small batches are solved through the factorization
+    (with its own backward pass); large ones, when it fits in memory, by the dense operator
+    R = A^{-1} B^T (V, P), one matrix product for the whole batch (and autograd comes for free).
     """
 
     def __init__(self, template: Template, pixel_map: PixelMap, alpha: float):
@@ -72,20 +76,31 @@ class DenseReconstructor(torch.nn.Module):
         self.alpha = float(alpha)
         self._B = sp.csr_matrix(B)
         self._system = FactoredSystem((B.T @ B + self.alpha * (L.T @ L)).tocsc())
-        n_entries = template.n_vertices * B.shape[0]
-        operator = None
-        if n_entries <= _MAX_OPERATOR_ENTRIES:
-            operator = torch.from_numpy(self._system.solve(B.T.toarray()).astype(np.float32))
-        self.register_buffer("operator", operator, persistent=False)
+        self._operator_fits = template.n_vertices * B.shape[0] <= _MAX_OPERATOR_ENTRIES
+        self._operator: torch.Tensor | None = None
+
+    @property
+    def operator(self) -> torch.Tensor | None:
+        """R = A^{-1} B^T (V, P) float32, formed on first use (None when it would be too large)."""
+        if self._operator is None and self._operator_fits:
+            self._operator = torch.from_numpy(self._system.solve(self._B.T.toarray()).astype(np.float32))
+        return self._operator
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Vertex displacements (N, V, 3) from mask-pixel values (N, P, 3)."""
-        if self.operator is not None:
-            op = self.operator.to(pixels.device, pixels.dtype)
-            n, p, c = pixels.shape
-            # One (V, P) x (P, 3N) product for the whole batch, not N small ones.
-            x = op @ pixels.permute(1, 0, 2).reshape(p, n * c)
-            return x.reshape(-1, n, c).permute(1, 0, 2)
+        if len(pixels) >= _OPERATOR_MIN_BATCH and self.operator is not None:
+            return self.by_operator(pixels)
+        return self.by_factorization(pixels)
+
+    def by_operator(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, P, 3) -> (N, V, 3) by one (V, P) x (P, 3N) product for the whole batch."""
+        self._operator = self.operator.to(pixels.device)  # moved once, kept where the data is
+        n, p, c = pixels.shape
+        x = self._operator.to(dtype=pixels.dtype) @ pixels.permute(1, 0, 2).reshape(p, n * c)
+        return x.reshape(-1, n, c).permute(1, 0, 2)
+
+    def by_factorization(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(N, P, 3) -> (N, V, 3) by the factored normal matrix's triangular solves (differentiable)."""
         return _SparseSolve.apply(pixels, self)
 
 

@@ -542,3 +542,16 @@ def train(data: TrainingImages, cfg: TrainConfig, run_dir: Path, resume: bool = 
     finally:
         if env.owns_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def logged_training_seconds(run_dir: str | os.PathLike) -> float:
+    """Wall time a run trained for, from its log.csv: the ``seconds`` column counts from the start of
+    each process, so a resumed run's time is the sum of each segment's last value (0 without a log)."""
+    path = Path(run_dir) / LOG_NAME
+    if not path.exists():
+        return 0.0
+    with path.open(newline="") as fh:
+        seconds = [float(row["seconds"]) for row in csv.DictReader(fh) if row.get("seconds")]
+    ends = [a for a, b in zip(seconds, seconds[1:]) if b < a]  # a resume restarts the clock
+    return sum(ends) + (seconds[-1] if seconds else 0.0)
+
