@@ -83,6 +83,14 @@ def main() -> None:
     print("| step | batched (meshes/s) | per-mesh (meshes/s) | ratio |\n|---|---|---|---|")
     print(f"| encode | {args.n / t_batch:,.0f} | {args.n / t_loop:,.0f} | {t_loop / t_batch:.1f}x |")
 
+    # Encoding reads each mesh and writes its image once: the machine's copy bandwidth bounds it.
+    buffer = np.ones(64 * 2**20 // 4, np.float32)  # 64 MB, beyond the caches
+    copy_gb_s = 2 * buffer.nbytes / timed(lambda: buffer.copy()) / 1e9  # read + write
+    moved = batch[0].numel() * 4 + codec.resolution**2 * 3 * 4  # bytes in (V x 3) + out (R x R x 3)
+    print(f"\nmemory copy {copy_gb_s:.1f} GB/s; encoding moves {moved / 1e3:.0f} kB per mesh, so no encoder "
+          f"here exceeds ~{copy_gb_s * 1e9 / moved:,.0f} meshes/s (batched reaches "
+          f"{args.n / t_batch * moved / (copy_gb_s * 1e9):.0%} of that)")
+
     images = codec.dequantize(codec.quantize(codec.encode(batch)))
     codec.dense.operator  # form the operator outside the timing (done once per codec)
     L = cotangent_laplacian(codec.template.vertices, codec.template.triangles)
@@ -99,11 +107,11 @@ def main() -> None:
     t_loop = timed(dense_per_mesh, 1) * args.n / n_loop
     print(f"| dense reconstruction | {args.n / t_batch:,.0f} | {args.n / t_loop:,.0f} | {t_loop / t_batch:.1f}x |")
 
-    # DenseReconstructor solves small batches through the factorization, large ones by the operator:
-    # both paths at several batch sizes show where they cross (reconstruct._OPERATOR_MIN_BATCH).
+    # DenseReconstructor solves CPU batches through the factorization and CUDA ones by the operator
+    # (reconstruct._use_operator): both paths on the CPU at several batch sizes.
     rec, pixels_t = codec.dense, torch.from_numpy(pixels).float()
     print("\n| meshes | operator (ms) | factored solve (ms) | factored / operator |\n|---|---|---|---|")
-    for n in (1, 4, 16, 64, 256):
+    for n in sorted({1, 4, 16, 64, 256, args.n}):
         with torch.no_grad():
             t_op = timed(lambda: rec.by_operator(pixels_t[:n]))
             t_solve = timed(lambda: rec.by_factorization(pixels_t[:n]))

@@ -184,13 +184,15 @@ def test_findings_on_hand_made_numbers():
                                             "diversity": {"global": {"mean": div}}}}
 
     results = [row("real (held-out)", 90, 2.9), row("Us (full)", 80, 2.0), row("AC-GAN", 60, 3.0, rough=2.0, div=9.0),
-               row("w/o alternate training", 85, 1.5), row("w/o expression classif.", 40, 2.5)]
+               row("w/o alternate training", 85, 1.5), row("w/o expression classif.", 40, 2.5),
+               row("w/o TV loss", 80, 2.0, rough=1.005)]
     verdicts = {claim: ok for claim, _, ok in findings(results)}
     assert verdicts["full model best in Dec-Expr among the variants"] is False  # w/o alternate: 85 > 80
     assert verdicts["full model best in specificity among the variants"] is False
     assert verdicts["AC-GAN: inflated global diversity (above the training data's)"] is True
     assert verdicts["AC-GAN: noisier surfaces than the full model"] is True
     assert verdicts["w/o expression classification: poor Dec-Expr"] is True
+    assert verdicts["w/o TV: noisier surfaces than the full model"] is False  # 1.005 vs 1.0: within 1%
 
 
 def test_config_errors_are_one_line():

@@ -220,6 +220,10 @@ def _table1_sections(results: Sequence[dict], timings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# A pairwise finding whose two numbers differ by at most this fraction is not counted as holding.
+TIE_FRACTION = 0.01
+
+
 def findings(results: Sequence[dict]) -> list[tuple[str, str, bool]]:
     """Each of the paper's ablation findings as (claim, the numbers here, whether it holds)."""
     by_name = {r["model"]: r["metrics"] for r in results}
@@ -258,6 +262,8 @@ def findings(results: Sequence[dict]) -> list[tuple[str, str, bool]]:
         va = value(a, *path_a)
         vb = value(real_name if b == REAL else b, *path_b)
         if va is not None and vb is not None:
-            out.append((claim, f"{a} {va:.2f} vs {'real' if b == REAL else b} {vb:.2f}", va > vb if op == ">" else va < vb))
+            tie = abs(va - vb) <= TIE_FRACTION * max(abs(va), abs(vb))  # too close to call either way
+            shown = f"{a} {va:.3g} vs {'real' if b == REAL else b} {vb:.3g}" + (" (within 1%)" if tie else "")
+            out.append((claim, shown, not tie and (va > vb if op == ">" else va < vb)))
     return out
 

@@ -11,13 +11,20 @@ from facegan.linalg import FactoredSystem
 from facegan.mesh.operators import cotangent_laplacian
 from facegan.mesh.template import Template
 
-# Above this many operator entries (V x P floats) the dense operator is not formed and solves go
-# through the sparse factorization instead (e.g. 256 px images).
+# Above this many operator entries (V x P floats) the dense operator is not formed and CUDA batches
+# too go through the sparse factorization (e.g. 256 px images).
 _MAX_OPERATOR_ENTRIES = 120_000_000
-# Batches smaller than this go through the factorization even when the operator fits: for one mesh
-# two sparse triangular solves take ~1 ms while the operator's product reads its ~100 MB (30-150 ms);
-# near 64 meshes the two are even (benchmarks/bench_geometry_image.py prints both).
-_OPERATOR_MIN_BATCH = 64
+# Meshes per factored solve: right-hand sides of 64 meshes (192 columns) solved ~1.3x faster per
+# mesh than 1,000 at once on this machine (the solve's working set stays in cache).
+_SOLVE_CHUNK = 64
+
+
+def _use_operator(pixels: torch.Tensor) -> bool:
+    """Whether a batch goes through the dense operator rather than the factorization: on CUDA only.
+    On the CPU the factored solve, in chunks of _SOLVE_CHUNK meshes, was faster at every batch size
+    measured (1 to 1,000 meshes, benchmarks/bench_geometry_image.py) and needs no ~100 MB operator;
+    on a GPU one product avoids a round trip to the CPU solver."""
+    return pixels.is_cuda
 
 
 def _bilinear_corners(x: torch.Tensor, y: torch.Tensor, height: int, width: int):
@@ -64,9 +71,9 @@ class DenseReconstructor(torch.nn.Module):
     B (P, V) interpolates vertex displacements at the mask pixels' surface points, L is the
     cotangent Laplacian of the template (not mass-normalized), d = v - v_mean so the term
     |L v_mean - L v| of the paper becomes |L d|. The normal matrix A = B^T B + alpha L^T L is the
-    same for every mesh: it is factored once. Small batches are solved through the factorization
-    (with its own backward pass); large ones, when it fits in memory, by the dense operator
-    R = A^{-1} B^T (V, P), one matrix product for the whole batch (and autograd comes for free).
+    same for every mesh: it is factored once. On the CPU batches are solved through the
+    factorization (with its own backward pass); on CUDA, when it fits in memory, by the dense
+    operator R = A^{-1} B^T (V, P), one matrix product for the whole batch (autograd for free).
     """
 
     def __init__(self, template: Template, pixel_map: PixelMap, alpha: float):
@@ -88,7 +95,7 @@ class DenseReconstructor(torch.nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Vertex displacements (N, V, 3) from mask-pixel values (N, P, 3)."""
-        if len(pixels) >= _OPERATOR_MIN_BATCH and self.operator is not None:
+        if _use_operator(pixels) and self.operator is not None:
             return self.by_operator(pixels)
         return self.by_factorization(pixels)
 
@@ -100,8 +107,9 @@ class DenseReconstructor(torch.nn.Module):
         return x.reshape(-1, n, c).permute(1, 0, 2)
 
     def by_factorization(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(N, P, 3) -> (N, V, 3) by the factored normal matrix's triangular solves (differentiable)."""
-        return _SparseSolve.apply(pixels, self)
+        """(N, P, 3) -> (N, V, 3) by the factored normal matrix's triangular solves (differentiable),
+        _SOLVE_CHUNK meshes per solve."""
+        return torch.cat([_SparseSolve.apply(chunk, self) for chunk in pixels.split(_SOLVE_CHUNK)])
 
 
 class _SparseSolve(torch.autograd.Function):
