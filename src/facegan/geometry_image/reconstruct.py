@@ -14,7 +14,7 @@ from facegan.mesh.template import Template
 # Above this many operator entries (V x P floats) the dense operator is not formed and CUDA batches
 # too go through the sparse factorization (e.g. 256 px images).
 _MAX_OPERATOR_ENTRIES = 120_000_000
-# Meshes per factored solve: right-hand sides of 64 meshes (192 columns) solved ~1.3x faster per
+# Meshes per factored solve: right-hand sides of 64 meshes (192 columns) solved ~1.5x faster per
 # mesh than 1,000 at once on this machine (the solve's working set stays in cache).
 _SOLVE_CHUNK = 64
 
