@@ -177,6 +177,15 @@ def test_report_files_and_cached_results(data, ict, tmp_path):
     assert recomputed  # made with other judges or sizes: stale
 
 
+def test_report_of_a_metric_subset_draws_only_the_figures_it_has(data, ict, tmp_path):
+    only = EvalConfig(**{**SMALL.__dict__, "metrics": ("oracle",)})  # groups sampled, no random samples
+    path = write_report(tmp_path / "report", [evaluate(LinearICT(ict.narrow()), data, only)],
+                        data.dataset.template.triangles, {"data": "tiny"})
+    assert path.exists()
+    assert {p.name for p in (tmp_path / "report" / "figures").iterdir()} == {
+        "linear-ict_fixed_identity.png", "linear-ict_fixed_expression.png"}
+
+
 def test_findings_on_hand_made_numbers():
     def row(model, dec_exp, sp, rough=1.0, div=5.0):
         return {"model": model, "metrics": {"decoupling": {"expression": {"percent": dec_exp}},

@@ -230,7 +230,7 @@ def evaluate(generator: FaceGenerator, data: EvaluationData, config: EvalConfig 
     samples = np.zeros((0, generator.n_vertices, 3), np.float32)
     if wanted & {"specificity", "roughness", "distribution", "diversity"}:
         samples = generator.sample(max(config.specificity_samples, _n_distribution(config, data)), seed=config.seed)
-    out["examples"] = {"random": samples[:EXAMPLE_COLUMNS].copy()}
+    out["examples"] = {"random": samples[:EXAMPLE_COLUMNS].copy()} if len(samples) else {}
     run("specificity", lambda: _specificity(samples[:config.specificity_samples], data))
     run("roughness", lambda: _roughness(samples[:config.specificity_samples], data))
     run("distribution", lambda: _distribution(samples[:_n_distribution(config, data)], data, config))
