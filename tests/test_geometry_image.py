@@ -10,6 +10,7 @@ import torch
 from facegan.errors import FaceganError
 from facegan.geometry_image import GeometryImageCodec, build_pixel_map, uv_to_pixels
 from facegan.geometry_image import codec as codec_module
+from facegan.geometry_image.gather import interpolate_displacements
 from facegan.mesh.template import Template
 
 from conftest import grid_plane, sphere_cap
@@ -185,6 +186,22 @@ def test_encode_matches_per_pixel_loop(cap_template):
     assert images.shape == (3, res, res, 3) and images.dtype == torch.float32
     for k in range(3):
         np.testing.assert_allclose(images[k].numpy(), naive_encode(meshes[k], mean, cap_template, res), atol=2e-4)
+
+
+def test_gather_kernel_matches_a_loop_over_meshes_and_pixels():
+    rng = np.random.default_rng(0)
+    meshes = rng.normal(size=(5, 30, 3)).astype(np.float32)
+    corners = rng.integers(0, 30, (3, 40)).astype(np.int32)
+    weights = rng.random((3, 40)).astype(np.float32)
+    weights[:, :4] = 0  # pixels outside the chart: no weights, so -mean_image
+    mean_image = rng.normal(size=(40, 3)).astype(np.float32)
+    out = np.empty((5, 40, 3), np.float32)
+    interpolate_displacements(meshes, corners, weights, mean_image, out)
+    expected = np.zeros_like(out)
+    for m in range(5):
+        for p in range(40):
+            expected[m, p] = sum(weights[j, p] * meshes[m, corners[j, p]] for j in range(3)) - mean_image[p]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_encode_of_the_mean_is_zero_and_outside_the_mask_is_zero(cap_template):

@@ -13,7 +13,6 @@ from functools import cached_property
 from typing import Iterable
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 from facegan.errors import FaceganError
@@ -27,8 +26,8 @@ RANGE_HEADROOM = 0.05
 PAPER_ALPHA = 1.2
 # Our default: measured best for uint8 64 px images of ICT faces (benchmarks/bench_roundtrip.py).
 DEFAULT_ALPHA = 0.1
-# Meshes per sparse product in encode(): small enough that a chunk's vertices stay in cache.
-_ENCODE_CHUNK = 16
+# Meshes per call of the encoding kernel: bounds the float32 copy of a memory-mapped float64 dataset.
+_ENCODE_CHUNK = 256
 
 
 @dataclass(eq=False)
@@ -85,20 +84,22 @@ class GeometryImageCodec:
         return self.pixel_map.mask
 
     @cached_property
-    def _interpolation(self) -> sp.csr_matrix:
-        """Sparse (H*W, V) float32: row = pixel, barycentric weights on its triangle's vertices;
-        empty rows outside the mask, so a product fills whole images with no scatter."""
+    def _pixel_corners(self) -> tuple[np.ndarray, np.ndarray]:
+        """(3, H*W) int32 triangle corners and (3, H*W) float32 barycentric weights of every pixel
+        (vertex 0 with weight 0 outside the mask): the encoding kernel's form of the interpolation."""
         pm = self.pixel_map
-        rows = sp.csr_matrix(
-            (np.ones(len(pm.pixels)), (pm.pixels, np.arange(len(pm.pixels)))),
-            shape=(self.resolution**2, len(pm.pixels)),
-        )
-        return (rows @ pm.interpolation_matrix(self.template.triangles, self.template.n_vertices)).astype(np.float32).tocsr()
+        corners = np.zeros((3, self.resolution**2), np.int32)
+        weights = np.zeros((3, self.resolution**2), np.float32)
+        corners[:, pm.pixels] = self.template.triangles[pm.triangle].T
+        weights[:, pm.pixels] = pm.barycentric.T
+        return corners, weights
 
     @cached_property
     def _mean_image(self) -> np.ndarray:
         """(H*W, 3) float32 the mean face interpolated at every pixel (0 outside the mask)."""
-        return (self._interpolation @ self.mean.astype(np.float32)).astype(np.float32)
+        corners, weights = self._pixel_corners
+        mean = self.mean.astype(np.float32)
+        return np.einsum("jp,jpc->pc", weights, mean[corners]).astype(np.float32)
 
     @cached_property
     def dense(self) -> DenseReconstructor:
@@ -108,19 +109,17 @@ class GeometryImageCodec:
     def encode(self, meshes: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Float geometry images (N, H, W, 3) in mm of meshes (N, V, 3) in mm; 0 outside the mask.
 
-        Runs on the CPU with scipy's sparse product (single-threaded: torch's threaded sparse
-        product stalls when the other core is busy, see benchmarks/bench_geometry_image.py).
+        Runs on the CPU in a compiled kernel (:mod:`facegan.geometry_image.gather`), as many threads as
+        torch uses; meshes may be a memory-mapped array of any float type.
         """
-        verts = meshes.detach().cpu().numpy() if torch.is_tensor(meshes) else np.asarray(meshes)
-        n_vertices = verts.shape[1]
-        interp, mean_img = self._interpolation, self._mean_image
+        from facegan.geometry_image.gather import interpolate_displacements  # numba: 0.5 s to import, on use only
+
+        verts = meshes.detach().cpu().numpy() if torch.is_tensor(meshes) else meshes
+        corners, weights = self._pixel_corners
         out = np.empty((len(verts), self.resolution**2, 3), np.float32)
-        # A few meshes per sparse product: their vertices, laid out (V, 3n), stay in cache.
         for start in range(0, len(verts), _ENCODE_CHUNK):
-            x = np.asarray(verts[start : start + _ENCODE_CHUNK], dtype=np.float32)
-            n = len(x)
-            pixels = interp @ np.ascontiguousarray(x.transpose(1, 0, 2)).reshape(n_vertices, 3 * n)
-            np.subtract(pixels.reshape(-1, n, 3).transpose(1, 0, 2), mean_img, out=out[start : start + n])
+            chunk = np.ascontiguousarray(verts[start : start + _ENCODE_CHUNK], dtype=np.float32)
+            interpolate_displacements(chunk, corners, weights, self._mean_image, out[start : start + len(chunk)])
         return torch.from_numpy(out).view(len(verts), self.resolution, self.resolution, 3)
 
     def fit_range(self, batches: Iterable[torch.Tensor]) -> np.ndarray:
