@@ -110,6 +110,17 @@ def test_alternating_schedule_two_and_three_factors():
         BatchPlan((0,), (1, 2)), BatchPlan((1,), (0, 2)), BatchPlan((2,), (0, 1))]
 
 
+def test_random_phase_adds_an_unlabeled_batch_and_keeps_labeled_codes_from_the_critic():
+    spec = variant_spec("full", 2, random_phase=True)
+    assert spec.n_phases == 3
+    assert [plan_batch(spec, i) for i in range(4)] == [
+        BatchPlan((0,), (1,)), BatchPlan((1,), (0,)), BatchPlan((), (0, 1)), BatchPlan((0,), (1,))]
+    assert {plan_batch(spec, i, for_discriminator=True) for i in range(3)} == {BatchPlan((), ())}
+    assert variant_spec("no-feature", 2, random_phase=True).n_phases == 3
+    with pytest.raises(FaceganError, match="random_phase needs alternate training"):
+        variant_spec("acgan", 2, random_phase=True)
+
+
 def test_sample_codes_labels_pairs_and_sharing():
     gen = torch.Generator().manual_seed(0)
     tables = [torch.randn(4, 6), torch.randn(3, 2), torch.randn(5, 3)]
@@ -148,9 +159,9 @@ def test_variant_switches(name):
     assert (spec.classified, spec.alternate, spec.feature_loss, spec.tv, spec.classify_fakes_in_d) == EXPECTED[name]
 
 
-def _loss_keys(name: str, iteration: int) -> tuple[set, set]:
+def _loss_keys(name: str, iteration: int, random_phase: bool = False) -> tuple[set, set]:
     torch.manual_seed(0)
-    spec = variant_spec(name, 2)
+    spec = variant_spec(name, 2, random_phase)
     mask = torch.ones(16, 16, dtype=torch.bool)
     g = Generator([4, 3], 2, mask, base_channels=4)
     d = Discriminator(16, [[4, 3][k] for k in spec.classified], base_channels=4, feature_size=8)
@@ -183,6 +194,12 @@ def test_variant_loss_terms(name, iteration, d_keys, g_keys):
     base_d = {"d_wdist", "d_gp", "d_loss"} | {k.replace("class", "acc") for k in d_keys if "fake" not in k}
     assert d_stats == base_d | d_keys
     assert g_stats == {"g_gan", "g_loss"} | g_keys
+
+
+def test_random_phase_batch_has_feature_losses_on_both_factors_and_no_classification():
+    d_stats, g_stats = _loss_keys("full", 2, random_phase=True)
+    assert {"d_class_identity", "d_class_expression"} <= d_stats  # D still classifies the real images
+    assert g_stats == {"g_gan", "g_loss", "g_feat_identity", "g_feat_expression", "g_tv"}
 
 
 def test_discriminator_loss_ignores_fake_labels_unless_acgan():

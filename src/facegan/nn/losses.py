@@ -16,7 +16,7 @@ feature loss); see :func:`plan_batch` and :func:`sample_codes`.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, ContextManager
 
 import torch
@@ -36,7 +36,10 @@ class VariantSpec:
     alternate: cycle the labeled factor over the factors, batch by batch (Sec. 4.1.3);
     feature_loss: feature loss (Eq. 9-10) on the paired (unlabeled) factors;
     tv: total-variation regularizer (Eq. 11);
-    classify_fakes_in_d: D also classifies fakes (plain AC-GAN, Eq. 3).
+    classify_fakes_in_d: D also classifies fakes (plain AC-GAN, Eq. 3);
+    random_phase: beyond the paper (docs/training.md, "Random-code phase"): the alternation gains a phase
+    with every code random (feature loss on every factor's pairs), and D's critic sees fakes from random
+    codes only, so labeled batches are not pushed to cover the whole data distribution.
     """
 
     name: str
@@ -46,12 +49,18 @@ class VariantSpec:
     feature_loss: bool
     tv: bool
     classify_fakes_in_d: bool
+    random_phase: bool = False
+
+    @property
+    def n_phases(self) -> int:
+        """Length of the alternation cycle (1 without alternation)."""
+        return self.n_factors + self.random_phase if self.alternate else 1
 
     def branch_of(self, factor: int) -> int:
         return self.classified.index(factor)
 
 
-def variant_spec(name: str, n_factors: int) -> VariantSpec:
+def variant_spec(name: str, n_factors: int, random_phase: bool = False) -> VariantSpec:
     """The switches of variant ``name`` (see docs/training.md for the table and reasons).
 
     full: all factors classified, alternation, feature loss, TV. acgan: one classifier (the first factor,
@@ -70,7 +79,9 @@ def variant_spec(name: str, n_factors: int) -> VariantSpec:
     }
     if name not in specs:
         raise FaceganError(f"unknown variant {name!r} (known: {', '.join(specs)})")
-    return specs[name]
+    if random_phase and not specs[name].alternate:
+        raise FaceganError(f"random_phase needs alternate training; variant {name!r} does not alternate")
+    return replace(specs[name], random_phase=random_phase)
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -87,13 +98,16 @@ class BatchPlan:
 def plan_batch(spec: VariantSpec, iteration: int, for_discriminator: bool = False) -> BatchPlan:
     """The code plan of the generator batch at ``iteration``.
 
-    With alternation, phase k = iteration mod K: factor k gets labeled codes if it has a classifier,
-    the other factors get random codes, and those with a classifier (and the feature loss on) are paired.
-    Without alternation every classified factor is labeled and nothing is paired. The fakes shown to D use
-    the same plan without pairs (pairs only matter to the feature loss).
+    With alternation, phase k = iteration mod n_phases: factor k gets labeled codes if it has a classifier,
+    the other factors get random codes, and those with a classifier (and the feature loss on) are paired;
+    the extra phase of ``random_phase`` (k = K) has no labeled factor. Without alternation every classified
+    factor is labeled and nothing is paired. The fakes shown to D use the same plan without pairs (pairs
+    only matter to the feature loss), or no labeled codes at all with ``random_phase``.
     """
+    if for_discriminator and spec.random_phase:
+        return BatchPlan((), ())
     if spec.alternate:
-        phase = iteration % spec.n_factors
+        phase = iteration % spec.n_phases
         labeled = (phase,) if phase in spec.classified else ()
         paired = tuple(k for k in spec.classified if k != phase) if spec.feature_loss else ()
     else:

@@ -63,6 +63,9 @@ class TrainConfig:
     lambda_class: float = 1.0
     lambda_feat: float = 0.5
     lambda_tv: float = 1e-4
+    # beyond the paper: a third, all-random phase in the alternation and a critic trained on random-code
+    # fakes only (docs/training.md, "Random-code phase")
+    random_phase: bool = False
     ema_beta: float = 0.999  # per generator step, with a (1+t)/(10+t) warm-up
     # length: stop at whichever comes first (0 = no limit on iterations). The small profile is bounded by
     # its time budget (max_iters), not by epochs, whose length depends on the dataset size

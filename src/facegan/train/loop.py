@@ -164,7 +164,7 @@ def log_columns(spec: VariantSpec, names: list[str]) -> list[str]:
 
 
 def _max_pairs(spec: VariantSpec) -> int:
-    return max(len(plan_batch(spec, i).paired) for i in range(spec.n_factors))
+    return max(len(plan_batch(spec, i).paired) for i in range(spec.n_phases))
 
 
 # -------------------------------------------------------------------------------------------- trainer
@@ -179,7 +179,7 @@ class Trainer:
         cfg.validate()
         self.cfg, self.run_dir, self.env, self.preview = cfg, Path(run_dir), env, preview
         self.factors = data.factors
-        self.spec = variant_spec(cfg.variant, len(self.factors))
+        self.spec = variant_spec(cfg.variant, len(self.factors), cfg.random_phase)
         data.validate(classified=list(self.spec.classified))
         self.n_classes = data.n_classes
         self.class_names = data.class_names
