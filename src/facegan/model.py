@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, check_known
 from facegan.nn.networks import Generator
 from facegan.train.checkpoint import load_checkpoint, load_module
 from facegan.train.config import TrainConfig
@@ -100,8 +100,8 @@ class FaceModel:
         samples of a group sharing that factor's code (rows g*m .. g*m+m-1), everything else drawn anew.
         Returns (images (n*m, 3, R, R), codes: factor name -> (n*m, size), plus "noise" -> (n*m, noise_size)).
         """
-        if fix is not None and fix not in self.factors:
-            raise FaceganError(f"sample: unknown factor {fix!r} (factors: {', '.join(self.factors)})")
+        if fix is not None:
+            check_known([fix], self.factors, "factor", "sample")
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         total = n * m
         codes: dict[str, torch.Tensor] = {}

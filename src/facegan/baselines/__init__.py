@@ -18,7 +18,7 @@ from facegan.baselines.autoencoder import AutoencoderModel, train_autoencoder
 from facegan.baselines.common import AutoencoderOptions, BaselineModel, BaselineOptions, TuckerOptions
 from facegan.baselines.linear import LinearModel, train_linear
 from facegan.baselines.tucker import TuckerModel, train_tucker
-from facegan.errors import FaceganError
+from facegan.errors import check_known
 from facegan.evaluation.generators import FaceGenerator
 
 __all__ = ["BASELINES", "train_baseline", "save_baseline", "BaselineOptions", "TuckerOptions", "AutoencoderOptions",
@@ -29,13 +29,12 @@ BASELINES = ("linear", "tucker", "autoencoder")
 
 def train_baseline(kind: str, dataset, options: BaselineOptions | None = None, progress: bool = True) -> FaceGenerator:
     """Train baseline ``kind`` (one of :data:`BASELINES`) on the train split of ``dataset`` (a RegisteredDataset)."""
+    check_known([kind], BASELINES, "baseline")
     if kind == "linear":
         return train_linear(dataset, options)
     if kind == "tucker":
         return train_tucker(dataset, options, progress)
-    if kind == "autoencoder":
-        return train_autoencoder(dataset, options, progress)
-    raise FaceganError(f"unknown baseline {kind!r} (known: {', '.join(BASELINES)})")
+    return train_autoencoder(dataset, options, progress)
 
 
 def save_baseline(model: BaselineModel, path: str | os.PathLike) -> None:

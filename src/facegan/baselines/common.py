@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, check_known
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
 
 FACTORS = ("identity", "expression")
@@ -194,8 +194,8 @@ def draw_codes(sizes: dict[str, int], n: int, fix: str | None = None, m: int = 1
     fix=None: all rows independent; fix=factor: n groups of m rows (g*m .. g*m+m-1) sharing that
     factor's code, the others drawn per row. Factors are drawn in ``sizes`` order from one seeded stream.
     """
-    if fix is not None and fix not in sizes:
-        raise FaceganError(f"sample: unknown factor {fix!r} (factors: {', '.join(sizes)})")
+    if fix is not None:
+        check_known([fix], sizes, "factor", "sample")
     if n < 0 or m < 1:
         raise FaceganError(f"sample: need n >= 0 and m >= 1, got n={n}, m={m}")
     g = torch.Generator().manual_seed(seed)
@@ -269,8 +269,7 @@ class BaselineModel:
 
     def transfer(self, targets: np.ndarray, sources: np.ndarray, factor: str = "expression", seed: int = 0) -> np.ndarray:
         """(P, V, 3) float32 mm: each target (P, V, 3) fitted, with the code of ``factor`` of its fitted source (P, V, 3)."""
-        if factor not in self.factors:
-            raise FaceganError(f"transfer: unknown factor {factor!r} (factors: {', '.join(self.factors)})")
+        check_known([factor], self.factors, "factor", "transfer")
         t, s = check_meshes(targets, self.n_vertices), check_meshes(sources, self.n_vertices)
         if len(t) != len(s):
             raise FaceganError(f"transfer: {len(t)} targets but {len(s)} sources")

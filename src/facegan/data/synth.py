@@ -31,7 +31,7 @@ from tqdm import tqdm
 from facegan.data import emotions as emo
 from facegan.data.deformation_transfer import METHODS, DeformationTransfer, expressions_for_identity
 from facegan.data.ict import N_IDENTITY_MODES, ICTModel
-from facegan.errors import FaceganError
+from facegan.errors import check_known, lookup
 from facegan.mesh.template import Template
 
 PARTS = ("static", "motion", "spontaneous")
@@ -174,10 +174,7 @@ class _Rows:
 def get_profile(profile: str | Profile) -> Profile:
     if isinstance(profile, Profile):
         return profile
-    try:
-        return PROFILES[profile]
-    except KeyError:
-        raise FaceganError(f"profile {profile!r}: unknown, expected one of {', '.join(PROFILES)}") from None
+    return lookup(PROFILES, profile, "profile")
 
 
 def plan_dataset(
@@ -275,8 +272,7 @@ def render(
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Meshes of a plan, one identity at a time: yields (row indices (n,), meshes (n, 6706, 3)
     float32 mm). Lets a caller stream a large dataset to disk instead of holding it in memory."""
-    if method not in METHODS:
-        raise FaceganError(f"method {method!r}: unknown, expected one of {', '.join(METHODS)}")
+    check_known([method], METHODS, "method")
     narrow = ict.narrow()
     dt = DeformationTransfer(narrow.neutral, ict.narrow_template().triangles) if method == "transfer" else None
     with tqdm(total=len(plan), unit="mesh", desc=f"synthesizing ({method})", disable=not progress) as bar:
@@ -291,8 +287,7 @@ def synthesize(
 ) -> SynthResult:
     """Synthesize a whole dataset in memory (see module doc). ``small``: ~3,000 meshes (~240 MB);
     ``paper``: ~30,000 meshes (~2.4 GB; prefer :func:`plan_dataset` + :func:`render` to stream)."""
-    if method not in METHODS:
-        raise FaceganError(f"method {method!r}: unknown, expected one of {', '.join(METHODS)}")
+    check_known([method], METHODS, "method")
     start = time.perf_counter()
     plan = plan_dataset(ict.expression_names, profile, seed)
     template = ict.narrow_template()

@@ -30,7 +30,7 @@ from functools import cached_property
 import numpy as np
 
 from facegan.data.dataset import RegisteredDataset
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, check_known
 from facegan.evaluation.generators import FACTORS, FaceGenerator, can_transfer
 from facegan.metrics.decoupling import decoupling_score
 from facegan.metrics.distances import NearestMeshIndex
@@ -70,9 +70,7 @@ class EvalConfig:
     seed: int = 0
 
     def validate(self) -> "EvalConfig":
-        unknown = sorted(set(self.metrics) - set(METRIC_GROUPS))
-        if unknown:
-            raise FaceganError(f"evaluate: unknown metric {unknown[0]!r} (known: {', '.join(METRIC_GROUPS)})")
+        check_known(self.metrics, METRIC_GROUPS, "metric", "evaluate")
         if min(self.specificity_samples, self.diversity_pairs, self.decoupling_groups) < 1 or self.decoupling_group_size < 2:
             raise FaceganError("evaluate: sample counts must be >= 1 and the group size >= 2")
         return self

@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from facegan.data.dataset import RegisteredDataset, open_dataset
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, check_known, lookup
 from facegan.evaluation.evaluate import EvalConfig, EvaluationData, evaluate, evaluate_real
 from facegan.evaluation.generators import load_generator
 from facegan.evaluation.report import json_ready, paper_table_markdown, write_report
@@ -157,13 +157,9 @@ def table1(data: str | os.PathLike, out: str | os.PathLike, profile: str = "smal
     from facegan.train.loop import logged_training_seconds
     from facegan.train.prepare import ensure_encoded
 
-    if profile not in EXPERIMENT_PROFILES:
-        raise FaceganError(f"experiment: unknown profile {profile!r} (known: {', '.join(EXPERIMENT_PROFILES)})")
-    setup = EXPERIMENT_PROFILES[profile]
+    setup = lookup(EXPERIMENT_PROFILES, profile, "profile", "experiment")
     keys = list(models or TABLE1_MODELS)
-    unknown = [k for k in keys if k not in TABLE1_MODELS]
-    if unknown:
-        raise FaceganError(f"experiment: unknown model {unknown[0]!r} (known: {', '.join(TABLE1_MODELS)})")
+    check_known(keys, TABLE1_MODELS, "model", "experiment")
     runs, data = Path(runs), Path(data)
     ds = open_dataset(data)
     ensure_encoded(ds, 64)

@@ -19,7 +19,7 @@ from typing import Callable, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, lookup
 
 __all__ = ["FaceGenerator", "GanGenerator", "can_transfer", "register_loader", "load_generator", "generator_kind"]
 
@@ -153,9 +153,7 @@ def load_generator(path: str | os.PathLike | None = None, name: str | None = Non
     file = _model_file(Path(path) if path is not None else SHIPPED_MODEL)
     meta = read_metadata(file)
     kind = meta.get("kind")
-    if kind not in _LOADERS:
-        raise FaceganError(f"{file}: unknown model kind {kind!r} (known: {', '.join(sorted(_LOADERS))})")
-    generator = _LOADERS[kind](file, meta)
+    generator = lookup(_LOADERS, kind, "model kind", str(file))(file, meta)
     if name:
         generator.name = name
     return generator

@@ -51,7 +51,7 @@ import numpy as np
 from tqdm import tqdm
 
 from facegan.data.dataset import RegisteredDataset
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, lookup
 from facegan.fileio import read_json, write_json
 from facegan.metrics.decoupling import calibrate_threshold
 from facegan.metrics.embedding import EmbeddingConfig, MeshEmbedder, fixed_view, load_embedding, pk_batches, train_embedding
@@ -112,10 +112,7 @@ class FactorJudge:
 def get_judge_profile(profile: str | JudgeProfile) -> JudgeProfile:
     if isinstance(profile, JudgeProfile):
         return profile
-    try:
-        return JUDGE_PROFILES[profile]
-    except KeyError:
-        raise FaceganError(f"judge profile {profile!r}: unknown, expected one of {', '.join(JUDGE_PROFILES)}") from None
+    return lookup(JUDGE_PROFILES, profile, "judge profile")
 
 
 def dataset_fingerprint(dataset: RegisteredDataset, n_sample: int = 16) -> dict:

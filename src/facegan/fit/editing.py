@@ -21,7 +21,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, check_known
 from facegan.model import FaceModel
 
 Codes = Mapping[str, torch.Tensor]
@@ -40,9 +40,7 @@ def check_codes(codes: Codes, model: FaceModel | None = None, what: str = "codes
         missing = [name for name in expected if name not in out]
         if missing:
             raise FaceganError(f"{what}: no {missing[0]!r} codes (the model has {', '.join(expected)})")
-        unknown = [name for name in out if name not in expected]
-        if unknown:
-            raise FaceganError(f"{what}: unknown code {unknown[0]!r} (the model has {', '.join(expected)})")
+        check_known(out, expected, "code", what)
         for name, size in expected.items():
             if out[name].ndim != 2 or out[name].shape[1] != size:
                 raise FaceganError(f"{what}: {name!r} codes of shape {tuple(out[name].shape)}, "

@@ -35,7 +35,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, check_known
 from facegan.fileio import read_json
 from facegan.fit.editing import check_codes, interpolate, replace_factor, add_factor, n_rows, edit_meshes
 from facegan.fit.fitting import FitOptions, FitResult, fit_meshes
@@ -388,7 +388,7 @@ def edit_files(out_dir: PathLike, model: FaceModel, source: PathLike | Sequence[
     unknown = [op for op in operations if op not in EDIT_OPERATIONS]
     if unknown or not operations:
         raise FaceganError(f"unknown edit {unknown[0] if unknown else '(none)'!r} (use {', '.join(EDIT_OPERATIONS)})")
-    _check_factor(model, factor)
+    check_known([factor], model.factors, "factor")
     _check_method(method)
     source_codes, source_names, _ = resolve_codes(source, model, options, "source")
     target_codes, target_names, _ = resolve_codes(target, model, options, "target")
@@ -418,7 +418,7 @@ def interpolate_files(out_dir: PathLike, model: FaceModel, a: PathLike | Sequenc
     """Interpolate ``factor``'s code from faces a to faces b in ``steps`` steps, other codes from a
     (Figure 10). a / b: codes file or mesh files (fitted first), paired row by row (or one with all).
     Writes meshes, codes.json and interpolation.png (one row per pair). Returns (B, steps, V, 3) mm."""
-    _check_factor(model, factor)
+    check_known([factor], model.factors, "factor")
     _check_method(method)
     codes_a, names_a, _ = resolve_codes(a, model, options, "a")
     codes_b, names_b, _ = resolve_codes(b, model, options, "b")
@@ -463,11 +463,6 @@ def _row_names(first: Sequence[str], second: Sequence[str], n: int) -> tuple[lis
         return list(names) * n if len(names) == 1 else list(names)
 
     return grow(first), grow(second)
-
-
-def _check_factor(model: FaceModel, factor: str) -> None:
-    if factor not in model.factors:
-        raise FaceganError(f"unknown factor {factor!r} (the model has {', '.join(model.factors)})")
 
 
 def _check_method(method: str) -> None:

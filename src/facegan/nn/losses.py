@@ -22,7 +22,7 @@ from typing import Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, lookup
 from facegan.nn.networks import Discriminator
 
 # ------------------------------------------------------------------------------------------- variants
@@ -77,11 +77,10 @@ def variant_spec(name: str, n_factors: int, random_phase: bool = False) -> Varia
         "no-feature": VariantSpec(name, n_factors, everything, True, False, True, False),
         "id-only": VariantSpec(name, n_factors, (0,), True, True, True, False),
     }
-    if name not in specs:
-        raise FaceganError(f"unknown variant {name!r} (known: {', '.join(specs)})")
-    if random_phase and not specs[name].alternate:
+    spec = lookup(specs, name, "variant")
+    if random_phase and not spec.alternate:
         raise FaceganError(f"random_phase needs alternate training; variant {name!r} does not alternate")
-    return replace(specs[name], random_phase=random_phase)
+    return replace(spec, random_phase=random_phase)
 
 
 # ------------------------------------------------------------------------------------------ schedule

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, check_known, lookup
 
 VARIANTS = ("full", "acgan", "no-alternate", "no-tv", "no-feature", "id-only")
 PROFILES = ("small", "paper")
@@ -209,8 +209,7 @@ def _split_override(text: str) -> tuple[str, str]:
     key = key.strip()
     if not sep or not key:
         raise FaceganError(f"--set {text!r}: expected key=value")
-    if key not in _known_keys():
-        raise FaceganError(f"unknown config key {key!r} (known: {', '.join(_known_keys())})")
+    check_known([key], _known_keys(), "config key")
     return key, raw.strip()
 
 
@@ -241,9 +240,7 @@ def _parse_value(cfg: TrainConfig, key: str, raw: str) -> Any:
 
 def _set_field(cfg: TrainConfig, key: str, value: Any, source: str) -> None:
     """Set ``cfg.key = value`` after checking the key exists and the value has the field's type."""
-    if key not in _known_keys():
-        raise FaceganError(f"unknown config key {key!r} (known: {', '.join(_known_keys())})")
-    kind = _field_types()[key]
+    kind = lookup(_field_types(), key, "config key")
     ok: bool
     if kind is bool:
         ok = isinstance(value, bool)
