@@ -117,6 +117,9 @@ class GeometryImageCodec:
         verts = meshes.detach().cpu().numpy() if torch.is_tensor(meshes) else meshes
         corners, weights = self._pixel_corners
         out = np.empty((len(verts), self.resolution**2, 3), np.float32)
+        # Fault the fresh pages in from one thread: when the kernel's threads do it, some processes run 4x
+        # slower (README, "Speed"; benchmarks/bench_geometry_image.py).
+        out.fill(0)
         for start in range(0, len(verts), _ENCODE_CHUNK):
             chunk = np.ascontiguousarray(verts[start : start + _ENCODE_CHUNK], dtype=np.float32)
             interpolate_displacements(chunk, corners, weights, self._mean_image, out[start : start + len(chunk)])
