@@ -39,6 +39,7 @@ from facegan.errors import FaceganError, check_known
 from facegan.fileio import read_json
 from facegan.fit.editing import check_codes, interpolate, replace_factor, add_factor, n_rows, edit_meshes
 from facegan.fit.fitting import FitOptions, FitResult, fit_meshes
+from facegan.geometry_image.codec import RECONSTRUCTION_METHODS
 from facegan.sampling import codec_of
 from facegan.mesh.io import read_mesh_vertices, write_mesh
 from facegan.model import FaceModel
@@ -389,7 +390,7 @@ def edit_files(out_dir: PathLike, model: FaceModel, source: PathLike | Sequence[
     if unknown or not operations:
         raise FaceganError(f"unknown edit {unknown[0] if unknown else '(none)'!r} (use {', '.join(EDIT_OPERATIONS)})")
     check_known([factor], model.factors, "factor")
-    _check_method(method)
+    check_known([method], RECONSTRUCTION_METHODS, "reconstruction method")
     source_codes, source_names, _ = resolve_codes(source, model, options, "source")
     target_codes, target_names, _ = resolve_codes(target, model, options, "target")
     target_codes, source_codes, pair_names = _pairs(target_codes, source_codes, target_names, source_names, "_from_")
@@ -419,7 +420,7 @@ def interpolate_files(out_dir: PathLike, model: FaceModel, a: PathLike | Sequenc
     (Figure 10). a / b: codes file or mesh files (fitted first), paired row by row (or one with all).
     Writes meshes, codes.json and interpolation.png (one row per pair). Returns (B, steps, V, 3) mm."""
     check_known([factor], model.factors, "factor")
-    _check_method(method)
+    check_known([method], RECONSTRUCTION_METHODS, "reconstruction method")
     codes_a, names_a, _ = resolve_codes(a, model, options, "a")
     codes_b, names_b, _ = resolve_codes(b, model, options, "b")
     codes_a, codes_b, pair_names = _pairs(codes_a, codes_b, names_a, names_b, "_to_")
@@ -463,8 +464,3 @@ def _row_names(first: Sequence[str], second: Sequence[str], n: int) -> tuple[lis
         return list(names) * n if len(names) == 1 else list(names)
 
     return grow(first), grow(second)
-
-
-def _check_method(method: str) -> None:
-    if method not in ("dense", "sparse"):
-        raise FaceganError(f"unknown reconstruction method {method!r} (use dense or sparse)")

@@ -15,7 +15,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from facegan.errors import FaceganError
+from facegan.errors import FaceganError, check_known
 from facegan.geometry_image.pixel_map import PixelMap, build_pixel_map
 from facegan.geometry_image.reconstruct import DenseReconstructor, bilinear_read
 from facegan.mesh.template import Template
@@ -26,6 +26,8 @@ RANGE_HEADROOM = 0.05
 PAPER_ALPHA = 1.2
 # Our default: measured best for uint8 64 px images of ICT faces (benchmarks/bench_roundtrip.py).
 DEFAULT_ALPHA = 0.1
+# Ways back from images to meshes (decode's ``method``).
+RECONSTRUCTION_METHODS = ("dense", "sparse")
 # Meshes per call of the encoding kernel: bounds the float32 copy of a memory-mapped float64 dataset.
 _ENCODE_CHUNK = 256
 
@@ -177,8 +179,5 @@ class GeometryImageCodec:
 
     def decode(self, images: torch.Tensor, method: str = "dense") -> torch.Tensor:
         """Meshes from float images by ``method`` "dense" or "sparse"."""
-        if method == "dense":
-            return self.decode_dense(images)
-        if method == "sparse":
-            return self.decode_sparse(images)
-        raise FaceganError(f"unknown reconstruction method '{method}' (use dense or sparse)")
+        check_known([method], RECONSTRUCTION_METHODS, "reconstruction method")
+        return self.decode_dense(images) if method == "dense" else self.decode_sparse(images)
