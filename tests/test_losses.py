@@ -8,8 +8,8 @@ import torch
 
 from facegan.errors import FaceganError
 from facegan.nn.losses import (BatchPlan, FaceGANLoss, LossWeights, class_weights, correct_and_count,
-                               critic_loss_d, critic_loss_g, feature_loss, gradient_penalty, plan_batch, sample_codes,
-                               total_variation, variant_spec, weighted_nll)
+                               critic_loss_d, critic_loss_g, descriptor_distance, descriptor_regression, feature_loss,
+                               gradient_penalty, plan_batch, sample_codes, total_variation, variant_spec, weighted_nll)
 from facegan.nn.networks import Discriminator, Generator
 
 
@@ -110,12 +110,16 @@ def test_alternating_schedule_two_and_three_factors():
         BatchPlan((0,), (1, 2)), BatchPlan((1,), (0, 2)), BatchPlan((2,), (0, 1))]
 
 
-def test_random_phase_adds_an_unlabeled_batch_and_keeps_labeled_codes_from_the_critic():
+def test_random_phase_adds_an_unlabeled_batch_and_random_critic_keeps_labeled_codes_from_the_critic():
     spec = variant_spec("full", 2, random_phase=True)
     assert spec.n_phases == 3
     assert [plan_batch(spec, i) for i in range(4)] == [
         BatchPlan((0,), (1,)), BatchPlan((1,), (0,)), BatchPlan((), (0, 1)), BatchPlan((0,), (1,))]
-    assert {plan_batch(spec, i, for_discriminator=True) for i in range(3)} == {BatchPlan((), ())}
+    assert [plan_batch(spec, i, for_discriminator=True) for i in range(3)] == [
+        BatchPlan((0,), ()), BatchPlan((1,), ()), BatchPlan((), ())]
+    both = variant_spec("full", 2, random_phase=True, random_critic=True)
+    assert [plan_batch(both, i) for i in range(3)] == [plan_batch(spec, i) for i in range(3)]
+    assert {plan_batch(both, i, for_discriminator=True) for i in range(3)} == {BatchPlan((), ())}
     assert variant_spec("no-feature", 2, random_phase=True).n_phases == 3
     with pytest.raises(FaceganError, match="random_phase needs alternate training"):
         variant_spec("acgan", 2, random_phase=True)
@@ -200,6 +204,50 @@ def test_random_phase_batch_has_feature_losses_on_both_factors_and_no_classifica
     d_stats, g_stats = _loss_keys("full", 2, random_phase=True)
     assert {"d_class_identity", "d_class_expression"} <= d_stats  # D still classifies the real images
     assert g_stats == {"g_gan", "g_loss", "g_feat_identity", "g_feat_expression", "g_tv"}
+
+
+def test_descriptor_regression_by_hand_skips_unlabeled_identities():
+    predicted = torch.tensor([[1.0, 2.0], [0.0, 0.0], [5.0, 5.0]])
+    targets = torch.tensor([[0.0, 0.0], [1.0, 3.0], [0.0, 0.0]])
+    valid = torch.tensor([True, True, False])
+    assert descriptor_regression(predicted, targets, valid).item() == pytest.approx(((1 + 4) / 2 + (1 + 9) / 2) / 2)
+    assert descriptor_regression(predicted, targets, torch.zeros(3, dtype=torch.bool)).item() == 0.0
+
+
+def test_descriptor_distance_by_hand():
+    d = torch.tensor([[0.0, 0.0], [2.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    first, second = torch.tensor([0, 2]), torch.tensor([1, 3])
+    assert descriptor_distance(d, first, second).item() == pytest.approx((4 / 2 / 2 + 0) / 2)
+
+
+def test_expression_descriptor_replaces_the_cosine_feature_loss_of_its_factor():
+    """D regresses the descriptor of real images; G's feature loss on expression pairs compares
+    descriptors, the identity pairs keep the cosine of the paper."""
+    torch.manual_seed(0)
+    spec = variant_spec("full", 2)
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    g = Generator([4, 3], 2, mask, base_channels=4)
+    d = Discriminator(16, [4, 3], base_channels=4, feature_size=8, descriptor_sizes=[0, 5])
+    loss = FaceGANLoss(spec, LossWeights(), ["identity", "expression"], [torch.ones(4), torch.ones(3)], mask)
+    tables, choices = [torch.randn(4, 4), torch.randn(3, 3)], [torch.arange(4), torch.arange(3)]
+    gen = torch.Generator().manual_seed(0)
+    real, labels = torch.randn(4, 3, 16, 16), [torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 2, -1, 0])]
+    codes = sample_codes(4, plan_batch(spec, 0, True), tables, choices, 2, gen)
+    targets = (torch.randn(4, 5), torch.tensor([True, True, False, True]))
+    _, d_stats = loss.discriminator_loss(d, d, real, labels, g(codes.z()).detach(), codes.labels, torch.rand(4), targets)
+    out = d(real, critic=False)
+    assert out.descriptors[0] is None and out.descriptors[1].shape == (4, 5)
+    assert d_stats["d_descriptor_expression"][0].item() == pytest.approx(
+        descriptor_regression(out.descriptors[1], *targets).item(), rel=1e-5)
+    batch = sample_codes(4, plan_batch(spec, 0), tables, choices, 2, gen)  # expression codes paired
+    _, g_stats = loss.generator_loss(g, d, batch)
+    fake_out = d(g(batch.z()), critic=False)
+    expected = descriptor_distance(fake_out.descriptors[1], *batch.pairs[1])
+    assert g_stats["g_feat_expression"][0].item() == pytest.approx(expected.item(), rel=1e-5)
+    batch = sample_codes(4, plan_batch(spec, 1), tables, choices, 2, gen)  # identity codes paired
+    _, g_stats = loss.generator_loss(g, d, batch)
+    expected = feature_loss(d(g(batch.z()), critic=False).features[0], *batch.pairs[0])
+    assert g_stats["g_feat_identity"][0].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_discriminator_loss_ignores_fake_labels_unless_acgan():

@@ -16,7 +16,7 @@ from facegan.model import FaceModel
 from facegan.train import loop
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
 from facegan.train.config import TrainConfig, apply_overrides, make_config
-from facegan.train.data import TrainingImages, to_network, to_uint8
+from facegan.train.data import TrainingImages, residual_descriptors, to_network, to_uint8
 from facegan.train.loop import logged_training_seconds, train
 
 
@@ -190,6 +190,71 @@ def test_variants_train(tmp_path, variant):
     assert ("g_tv" in header) == (variant not in ("acgan", "no-tv"))
     assert any(c.startswith("g_feat") for c in header) == (variant in ("no-tv", "id-only"))
     assert ("d_class_fake_identity" in header) == (variant == "acgan")
+
+
+# ------------------------------------------------------------------------------ expression descriptor
+
+
+def additive_faces(r: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """uint8 images x = shape[identity] + effect[expression], exactly (integer pixel values): 5 identities
+    wearing each of 4 expressions twice; identity 4 has no expression label, others miss some."""
+    g = torch.Generator().manual_seed(0)
+    shapes = torch.randint(40, 100, (5, r, r, 3), generator=g)
+    effects = torch.randint(0, 100, (4, r, r, 3), generator=g)
+    identity = torch.arange(5).repeat_interleave(8)
+    expression = torch.arange(4).repeat(10)
+    images = (shapes[identity] + effects[expression]).to(torch.uint8)
+    labels = expression.clone()
+    labels[identity == 4] = -1
+    labels[[1, 4, 10, 11, 21]] = -1  # and a few more labels missing
+    return images, identity, labels, expression
+
+
+def test_expression_descriptor_depends_on_the_expression_only():
+    """On exactly additive data the residual from the identity's expression-free shape is the expression
+    effect: the descriptor of an image is the same whoever wears the expression, labeled or not."""
+    images, identity, labels, truth = additive_faces()
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    targets, valid = residual_descriptors(images, mask, identity, labels, 3)
+    assert targets.shape == (40, 3) and bool(valid.all())
+    torch.testing.assert_close(targets.var(0), torch.ones(3))
+    for e in range(4):
+        same = targets[truth == e]
+        torch.testing.assert_close(same, same[:1].expand_as(same), atol=1e-4, rtol=0)
+    assert torch.cdist(targets[truth == 0][:1], targets[truth == 1][:1]).item() > 0.5
+
+
+def test_expression_descriptor_is_deterministic_and_skips_unlabeled_identities():
+    images, identity, labels, _ = additive_faces()
+    identity = identity.clone()
+    identity[:3] = -1
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    torch.manual_seed(1)
+    a, valid = residual_descriptors(images, mask, identity, labels, 3)
+    torch.manual_seed(2)
+    b, _ = residual_descriptors(images, mask, identity, labels, 3)
+    assert torch.equal(a, b)  # a resumed run computes the same targets
+    assert valid.tolist() == [False] * 3 + [True] * 37 and not a[:3].any()
+    with pytest.raises(FaceganError, match="no image has an identity label"):
+        residual_descriptors(images, mask, torch.full_like(identity, -1), labels, 3)
+    with pytest.raises(FaceganError, match="the data supports"):
+        residual_descriptors(images[:3], mask, torch.tensor([0, 0, 1]), labels[:3], 3)
+
+
+def test_training_with_an_expression_descriptor(tmp_path):
+    run = tmp_path / "run"
+    train(synth(), tiny_config("epochs=1", "descriptor_size=3"), run)
+    header = (run / "log.csv").read_text().splitlines()[0].split(",")
+    assert "d_descriptor_expression" in header and "g_feat_expression" in header
+    tensors, _ = load_checkpoint(run / "checkpoint.safetensors")
+    assert tensors["D.class_heads.1.descriptor.weight"].shape == (3, 16)
+    assert not any(k.startswith("D.class_heads.0.descriptor") for k in tensors)
+    with pytest.raises(FaceganError, match="needs exactly two factors"):
+        train(synth(n_classes=(4, 3, 2)), tiny_config("epochs=1", "descriptor_size=3"), tmp_path / "three")
+    with pytest.raises(FaceganError, match="variant 'id-only' has none"):
+        train(synth(), tiny_config("epochs=1", "descriptor_size=3", "variant=id-only"), tmp_path / "id-only")
+    with pytest.raises(FaceganError, match="descriptor_size=-1"):
+        tiny_config("descriptor_size=-1")
 
 
 def _killed_at(iteration: int):

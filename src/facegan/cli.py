@@ -309,6 +309,23 @@ def evaluate(
     typer.echo(f"wrote {path}")
 
 
+@app.command()
+def diagnose(
+    run: Path = typer.Option(..., "--run", help="A training checkpoint (RUN/checkpoint.safetensors: it holds D)."),
+    data: Path = typer.Option(DEFAULT_DATA, "--data", help="The dataset the run was trained on."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for diagnosis.md and diagnosis.json."),
+    pairs: int = typer.Option(2000, help="Pairs per kind for the feature floors."),
+    groups: int = typer.Option(40, help="Groups per code for the code effects."),
+    group_size: int = typer.Option(40, help="Samples per group."),
+    seed: int = typer.Option(0, help="Seed of every random draw."),
+) -> None:
+    """Why codes are (not) decoupled: what each code moves, and the feature loss on real and generated pairs."""
+    from facegan.evaluation.diagnose import diagnose as run_diagnosis
+
+    path = run_diagnosis(run, data, out, pairs, groups, group_size, seed)
+    typer.echo(path.read_text(), nl=False)
+
+
 experiment_app = typer.Typer(no_args_is_help=True, help="Experiments that train and evaluate several models.")
 app.add_typer(experiment_app, name="experiment")
 

@@ -11,6 +11,10 @@ Notation: K factors (identity, expression, ...), each with a code z_k and fixed 
 Alternate training (Sec. 4.1.3) decides per generator batch which factors are *labeled* (codes from T^k,
 classification loss) and which are *paired* (random codes shared by the two samples of a pair,
 feature loss); see :func:`plan_batch` and :func:`sample_codes`.
+
+Beyond the paper, a classifier branch may also regress an *expression descriptor* (the identity-normalized
+residual of :func:`facegan.train.data.residual_descriptors`): D learns it on real images, and the feature
+loss of that factor compares descriptors instead of cosine features (docs/training.md).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from facegan.errors import FaceganError, lookup
-from facegan.nn.networks import Discriminator
+from facegan.nn.networks import Discriminator, DOutput
 
 # ------------------------------------------------------------------------------------------- variants
 
@@ -38,8 +42,9 @@ class VariantSpec:
     tv: total-variation regularizer (Eq. 11);
     classify_fakes_in_d: D also classifies fakes (plain AC-GAN, Eq. 3);
     random_phase: beyond the paper (docs/training.md, "Random-code phase"): the alternation gains a phase
-    with every code random (feature loss on every factor's pairs), and D's critic sees fakes from random
-    codes only, so labeled batches are not pushed to cover the whole data distribution.
+    with every code random (feature loss on every factor's pairs), the codes faces are sampled with;
+    random_critic: D's critic sees fakes from random codes only, so labeled batches are not pushed to cover
+    the whole data distribution.
     """
 
     name: str
@@ -50,6 +55,7 @@ class VariantSpec:
     tv: bool
     classify_fakes_in_d: bool
     random_phase: bool = False
+    random_critic: bool = False
 
     @property
     def n_phases(self) -> int:
@@ -60,7 +66,7 @@ class VariantSpec:
         return self.classified.index(factor)
 
 
-def variant_spec(name: str, n_factors: int, random_phase: bool = False) -> VariantSpec:
+def variant_spec(name: str, n_factors: int, random_phase: bool = False, random_critic: bool = False) -> VariantSpec:
     """The switches of variant ``name`` (see docs/training.md for the table and reasons).
 
     full: all factors classified, alternation, feature loss, TV. acgan: one classifier (the first factor,
@@ -80,7 +86,7 @@ def variant_spec(name: str, n_factors: int, random_phase: bool = False) -> Varia
     spec = lookup(specs, name, "variant")
     if random_phase and not spec.alternate:
         raise FaceganError(f"random_phase needs alternate training; variant {name!r} does not alternate")
-    return replace(spec, random_phase=random_phase)
+    return replace(spec, random_phase=random_phase, random_critic=random_critic)
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -101,9 +107,9 @@ def plan_batch(spec: VariantSpec, iteration: int, for_discriminator: bool = Fals
     the other factors get random codes, and those with a classifier (and the feature loss on) are paired;
     the extra phase of ``random_phase`` (k = K) has no labeled factor. Without alternation every classified
     factor is labeled and nothing is paired. The fakes shown to D use the same plan without pairs (pairs
-    only matter to the feature loss), or no labeled codes at all with ``random_phase``.
+    only matter to the feature loss), or no labeled codes at all with ``random_critic``.
     """
-    if for_discriminator and spec.random_phase:
+    if for_discriminator and spec.random_critic:
         return BatchPlan((), ())
     if spec.alternate:
         phase = iteration % spec.n_phases
@@ -246,6 +252,33 @@ def feature_loss(features: torch.Tensor, first: torch.Tensor, second: torch.Tens
     return (1 - F.cosine_similarity(f[first], f[second], dim=1, eps=1e-8)).mean()
 
 
+def descriptor_regression(predicted: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """D's expression-descriptor loss: mean over the valid samples of the mean squared error per component.
+
+    predicted, targets: (B, K); valid: (B,) bool (samples whose identity is labeled). 0 when none is valid.
+    """
+    error = (predicted.float() - targets).square().mean(1) * valid
+    return error.sum() / valid.sum().clamp_min(1)
+
+
+def descriptor_distance(descriptors: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The feature loss on expression descriptors: mean over pairs of 1/(2K) ||d_first - d_second||^2.
+
+    With unit-variance descriptors, two independent samples score about 1 and two equal ones 0, the
+    range of the cosine loss it replaces. descriptors: (N, K); first, second: (N/2,) pair indices.
+    """
+    d = descriptors.float()
+    return (d[first] - d[second]).square().mean(1).mul(0.5).mean()
+
+
+def pair_distance(out: DOutput, branch: int, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The feature loss of classifier ``branch`` over pairs: on its expression descriptors when it has them,
+    else Eq. 10's cosine on its penultimate features. out: a D pass over the N samples the pairs index."""
+    if out.descriptors[branch] is not None:
+        return descriptor_distance(out.descriptors[branch], first, second)
+    return feature_loss(out.features[branch], first, second)
+
+
 def total_variation(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Eq. 11, anisotropic L1: sum over pixels (and channels) of |p[i+1,j] - p[i,j]| + |p[i,j+1] - p[i,j]|,
     averaged over the batch.
@@ -301,9 +334,13 @@ class FaceGANLoss:
 
     def discriminator_loss(self, d_sync: torch.nn.Module, d_plain: Discriminator, real: torch.Tensor,
                            real_labels: list[torch.Tensor], fake: torch.Tensor,
-                           fake_labels: list[torch.Tensor | None], alpha: torch.Tensor) -> tuple[torch.Tensor, Stats]:
+                           fake_labels: list[torch.Tensor | None], alpha: torch.Tensor,
+                           real_descriptors: tuple[torch.Tensor, torch.Tensor] | None = None
+                           ) -> tuple[torch.Tensor, Stats]:
         """D phase. real, fake: (B, 3, R, R); real_labels[k]: (B,) labels of factor k (-1 = missing);
-        fake_labels[k]: labels of the fake codes (used only by AC-GAN); alpha: (B,) GP mixing weights.
+        fake_labels[k]: labels of the fake codes (used only by AC-GAN); alpha: (B,) GP mixing weights;
+        real_descriptors: (targets (B, K), valid (B,) bool) of the real images, for the branches with an
+        expression descriptor (trained like the classifiers: real images only, weight lambda_c).
 
         d_sync is the module whose forward registers gradient synchronisation (DDP) and d_plain the bare
         module: real and fake go through d_sync in one forward, the gradient penalty through
@@ -324,6 +361,10 @@ class FaceGANLoss:
             loss = loss + w.lambda_c * nll
             stats[f"d_class_{self.names[k]}"] = (nll.detach(), 1.0)
             stats[f"d_acc_{self.names[k]}"] = correct_and_count(logits[:n].detach(), real_labels[k])
+            if out.descriptors[b] is not None:
+                mse = descriptor_regression(out.descriptors[b][:n], *real_descriptors)
+                loss = loss + w.lambda_c * mse
+                stats[f"d_descriptor_{self.names[k]}"] = (mse.detach(), 1.0)
             if spec.classify_fakes_in_d and fake_labels[k] is not None:
                 nll_fake = weighted_nll(logits[n:], fake_labels[k])
                 loss = loss + w.lambda_c * nll_fake
@@ -350,7 +391,7 @@ class FaceGANLoss:
             loss = loss + w.lambda_class * nll
             stats[f"g_class_{self.names[k]}"] = (nll.detach(), 1.0)
         for k in paired:
-            feat = feature_loss(out.features[spec.branch_of(k)], *batch.pairs[k])
+            feat = pair_distance(out, spec.branch_of(k), *batch.pairs[k])
             loss = loss + w.lambda_feat * feat
             stats[f"g_feat_{self.names[k]}"] = (feat.detach(), 1.0)
         if spec.tv:

@@ -104,21 +104,25 @@ class DOutput:
     """What a discriminator pass returns; entries not asked for are None.
 
     critic: (B,) float WGAN critic values; logits[k]: (B, n_classes_k); features[k]: (B, feature_size),
-    the penultimate layer of classifier branch k (after its LeakyReLU). Lists are indexed by branch.
+    the penultimate layer of classifier branch k (after its LeakyReLU); descriptors[k]: (B, descriptor_size_k)
+    for a branch with an expression descriptor, else None. Lists are indexed by branch.
     """
 
     critic: torch.Tensor | None
     logits: list[torch.Tensor | None]
     features: list[torch.Tensor | None]
+    descriptors: list[torch.Tensor | None]
 
 
 class ClassifierHead(nn.Module):
-    """Flattened 4x4 maps -> features (feature_size, LeakyReLU) -> logits (n_classes)."""
+    """Flattened 4x4 maps -> features (feature_size, LeakyReLU) -> logits (n_classes), and with
+    ``descriptor_size`` > 0 also a linear regression of the expression descriptor from the same features."""
 
-    def __init__(self, in_features: int, feature_size: int, n_classes: int):
+    def __init__(self, in_features: int, feature_size: int, n_classes: int, descriptor_size: int = 0):
         super().__init__()
         self.features = nn.Linear(in_features, feature_size)
         self.logits = nn.Linear(feature_size, n_classes)
+        self.descriptor = nn.Linear(feature_size, descriptor_size) if descriptor_size else None
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = torch.nn.functional.leaky_relu(self.features(h.flatten(1)), 0.2)
@@ -130,13 +134,14 @@ class Discriminator(nn.Module):
 
     resolution: R of the (B, 3, R, R) input; base_channels: width of the first conv block (doubling per
     block, capped at ``max_mult * base``); n_classes: class count of each classifier branch (may be empty);
+    descriptor_sizes: per branch, the size of its expression-descriptor regression (0 = none; default none);
     norm: "layer" (default: GroupNorm(1, C), per-sample layer norm as recommended by Gulrajani et al. for
     WGAN-GP), "instance" or "none". No batch norm: it couples the samples of a batch, which would make
     each sample's gradient-penalty term depend on the others. The first block has no norm (DC-GAN).
     """
 
     def __init__(self, resolution: int, n_classes: list[int], base_channels: int = 64, feature_size: int = 2048,
-                 norm: str = "layer", max_mult: int = 8):
+                 norm: str = "layer", max_mult: int = 8, descriptor_sizes: list[int] | None = None):
         super().__init__()
         n_down = _n_resamplings(resolution)
         widths = [base_channels * min(2 ** i, max_mult) for i in range(n_down)]
@@ -153,7 +158,8 @@ class Discriminator(nn.Module):
         self.critic_convs = branch_convs()
         self.critic_out = nn.Linear(flat, 1)
         self.class_convs = nn.ModuleList([branch_convs() for _ in n_classes])
-        self.class_heads = nn.ModuleList([ClassifierHead(flat, feature_size, c) for c in n_classes])
+        sizes = descriptor_sizes or [0] * len(n_classes)
+        self.class_heads = nn.ModuleList([ClassifierHead(flat, feature_size, c, d) for c, d in zip(n_classes, sizes)])
         dcgan_init(self)
 
     def critic(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,8 +177,12 @@ class Discriminator(nn.Module):
         wanted = range(len(self.class_heads)) if branches is None else branches
         logits: list[torch.Tensor | None] = [None] * len(self.class_heads)
         features: list[torch.Tensor | None] = [None] * len(self.class_heads)
+        descriptors: list[torch.Tensor | None] = [None] * len(self.class_heads)
         h_cls = h if n_classify is None else h[:n_classify]
         for k in wanted:
-            logits[k], features[k] = self.class_heads[k](self.class_convs[k](h_cls))
+            head = self.class_heads[k]
+            logits[k], features[k] = head(self.class_convs[k](h_cls))
+            if head.descriptor is not None:
+                descriptors[k] = head.descriptor(features[k])
         score = self.critic_out(self.critic_convs(h).flatten(1)).squeeze(1) if critic else None
-        return DOutput(score, logits, features)
+        return DOutput(score, logits, features, descriptors)

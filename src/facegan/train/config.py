@@ -63,9 +63,13 @@ class TrainConfig:
     lambda_class: float = 1.0
     lambda_feat: float = 0.5
     lambda_tv: float = 1e-4
-    # beyond the paper: a third, all-random phase in the alternation and a critic trained on random-code
-    # fakes only (docs/training.md, "Random-code phase")
+    # beyond the paper (docs/training.md, "Random-code phase"): a third, all-random phase in the alternation,
+    # and a critic trained on random-code fakes only
     random_phase: bool = False
+    random_critic: bool = False
+    # beyond the paper: C_exp also regresses an identity-normalized expression descriptor of this many
+    # components, which the expression feature loss compares (docs/training.md, "Expression descriptor"; 0 = off)
+    descriptor_size: int = 0
     ema_beta: float = 0.999  # per generator step, with a (1+t)/(10+t) warm-up
     # length: stop at whichever comes first (0 = no limit on iterations). The small profile is bounded by
     # its time budget (max_iters), not by epochs, whose length depends on the dataset size
@@ -109,11 +113,19 @@ class TrainConfig:
                 raise FaceganError(f"config {key}={getattr(self, key)}: must be positive")
         if not self.code_sizes or any(s <= 0 for s in self.code_sizes):
             raise FaceganError(f"config code_sizes={self.code_sizes}: need positive sizes")
+        if self.descriptor_size < 0:
+            raise FaceganError(f"config descriptor_size={self.descriptor_size}: must be >= 0 (0 = off)")
         if self.max_iters < 0:
             raise FaceganError(f"config max_iters={self.max_iters}: must be >= 0 (0 = no limit)")
         if not 0.0 <= self.ema_beta < 1.0:
             raise FaceganError(f"config ema_beta={self.ema_beta}: must be in [0, 1)")
         return self
+
+    def variant_spec(self, n_factors: int):
+        """The :class:`~facegan.nn.losses.VariantSpec` of this config for ``n_factors`` factors."""
+        from facegan.nn.losses import variant_spec
+
+        return variant_spec(self.variant, n_factors, self.random_phase, self.random_critic)
 
     def code_sizes_for(self, n_factors: int) -> list[int]:
         """Code size of each of ``n_factors`` factors (extra factors get ``extra_code_size``)."""

@@ -103,3 +103,54 @@ def to_network(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Normalized (B, 3, H, W) float -> (B, H, W, 3) uint8 (the inverse of :func:`to_network` in the chart)."""
     return ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: torch.Tensor, expression: torch.Tensor,
+                         n_components: int, chunk: int = 512, sweeps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Targets of the expression descriptor (beyond the paper, docs/training.md "Expression descriptor").
+
+    An image minus its identity's expression-free shape leaves the expression. That shape comes from the
+    additive model x ~ a[identity] + b[expression class] fitted by least squares (backfitting) on the
+    images with both labels, so it does not depend on which expressions an identity happens to show;
+    an identity without any expression label gets the mean of its images minus the mean class effect.
+    The leading ``n_components`` principal components of the residuals, scaled to unit variance, are the
+    descriptor. images: (N, H, W, 3) uint8; mask: (H, W) bool; identity, expression: (N,) int64 classes,
+    -1 = unlabeled. Returns (targets (N, n_components) float32, zero where the identity is unlabeled;
+    valid (N,) bool: the identity is labeled).
+    """
+    valid = identity >= 0
+    if not bool(valid.any()):
+        raise FaceganError("expression descriptor: no image has an identity label")
+    inside = mask.flatten()
+    flat = torch.cat([to_network(images[s:s + chunk], mask).permute(0, 2, 3, 1).flatten(1, 2)[:, inside].flatten(1)
+                      for s in range(0, len(images), chunk)]).double()  # (N, 3 * pixels inside)
+    n_id, n_exp = int(identity.max()) + 1, int(expression.max()) + 1
+    both = valid & (expression >= 0)
+    x, i, e = flat[both], identity[both], expression[both]
+
+    def group_mean(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+        sums = torch.zeros(n, values.shape[1], dtype=values.dtype).index_add_(0, groups, values)
+        return sums / torch.bincount(groups, minlength=n).clamp_min(1).to(values.dtype)[:, None]
+
+    shape = group_mean(x, i, n_id)
+    effect = torch.zeros(max(n_exp, 1), flat.shape[1], dtype=torch.float64)
+    for _ in range(sweeps if len(x) else 0):
+        effect = group_mean(x - shape[i], e, n_exp)
+        shape = group_mean(x - effect[e], i, n_id)
+    seen = torch.bincount(i, minlength=n_id) > 0
+    fallback = group_mean(flat[valid], identity[valid], n_id) - effect[torch.bincount(e, minlength=n_exp) > 0].mean(0)
+    shape = torch.where(seen[:, None], shape, fallback)
+
+    labeled = torch.nonzero(valid).flatten()
+    residual = flat[labeled] - shape[identity[labeled]]
+    residual -= residual.mean(0)
+    k = min(n_components, len(labeled) - 1, residual.shape[1])
+    if k < n_components:
+        raise FaceganError(f"expression descriptor: {n_components} components asked, the data supports {k}")
+    with torch.random.fork_rng():  # the same targets in a run and in its resumption
+        torch.manual_seed(0)
+        u, _, _ = torch.svd_lowrank(residual, q=k + 8, niter=6)
+    u = u[:, :k] * torch.sign(u.sum(0, keepdim=True)[:, :k] + 1e-300)  # sign convention: positive sum of scores
+    targets = torch.zeros(len(images), k, dtype=torch.float32)
+    targets[labeled] = (u * (len(labeled) - 1) ** 0.5).float()  # scores u * s have std s / sqrt(n - 1)
+    return targets, valid

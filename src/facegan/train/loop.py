@@ -37,11 +37,11 @@ from PIL import Image
 from facegan.errors import FaceganError
 from facegan.fileio import atomic_path, read_json, write_json
 from facegan.nn.losses import (CodeBatch, FaceGANLoss, LossWeights, VariantSpec, class_weights, plan_batch,
-                               sample_codes, variant_spec)
+                               sample_codes)
 from facegan.nn.networks import Discriminator, Generator
 from facegan.train import checkpoint as ckpt
 from facegan.train.config import TrainConfig, config_differences
-from facegan.train.data import TrainingImages, to_network, to_uint8
+from facegan.train.data import TrainingImages, residual_descriptors, to_network, to_uint8
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
@@ -80,12 +80,28 @@ class DistEnv:
         return self.rank == 0
 
 
+EXPRESSION = 1  # factor index of the expression, the factor an expression descriptor describes
+
+
 def build_networks(cfg: TrainConfig, spec: VariantSpec, mask: torch.Tensor, n_classes: list[int]) -> tuple[Generator, Discriminator]:
-    """G and D for a dataset with ``n_classes`` per factor; D gets a branch per classified factor."""
+    """G and D for a dataset with ``n_classes`` per factor; D gets a branch per classified factor, and the
+    expression branch a descriptor regression when ``cfg.descriptor_size`` > 0."""
     g = Generator(cfg.code_sizes_for(spec.n_factors), cfg.noise_size, mask, cfg.g_channels, cfg.max_channels_mult)
+    descriptors = [cfg.descriptor_size if k == EXPRESSION else 0 for k in spec.classified]
     d = Discriminator(int(mask.shape[-1]), [n_classes[k] for k in spec.classified], cfg.d_channels,
-                      cfg.feature_size, cfg.d_norm, cfg.max_channels_mult)
+                      cfg.feature_size, cfg.d_norm, cfg.max_channels_mult, descriptors)
     return g, d
+
+
+def check_descriptor(cfg: TrainConfig, spec: VariantSpec, factors: list[str]) -> None:
+    """The expression descriptor is the residual from the identity mean: it needs exactly the two factors
+    (identity, then expression), the second with a classifier branch."""
+    if not cfg.descriptor_size:
+        return
+    if len(factors) != 2:
+        raise FaceganError(f"descriptor_size needs exactly two factors (identity, expression); the data has {factors}")
+    if EXPRESSION not in spec.classified:
+        raise FaceganError(f"descriptor_size needs an expression classifier; variant {spec.name!r} has none")
 
 
 def draw_fixed_codes(seed: int, n_classes: list[int], code_sizes: list[int]) -> list[torch.Tensor]:
@@ -148,11 +164,14 @@ class Meter:
                 for i, k in enumerate(keys)}
 
 
-def log_columns(spec: VariantSpec, names: list[str]) -> list[str]:
-    """CSV columns for a variant: fixed up front so every row has the same layout."""
+def log_columns(spec: VariantSpec, names: list[str], descriptor: bool = False) -> list[str]:
+    """CSV columns for a variant (with the expression descriptor or not): fixed up front so every row has
+    the same layout."""
     cols = ["iteration", "epoch", "seconds", "img_per_s", "d_loss", "d_wdist", "d_gp"]
     for k in spec.classified:
         cols += [f"d_class_{names[k]}", f"d_acc_{names[k]}"]
+        if descriptor and k == EXPRESSION:
+            cols.append(f"d_descriptor_{names[k]}")
         if spec.classify_fakes_in_d:
             cols.append(f"d_class_fake_{names[k]}")
     cols += ["g_loss", "g_gan"] + [f"g_class_{names[k]}" for k in spec.classified]
@@ -179,8 +198,9 @@ class Trainer:
         cfg.validate()
         self.cfg, self.run_dir, self.env, self.preview = cfg, Path(run_dir), env, preview
         self.factors = data.factors
-        self.spec = variant_spec(cfg.variant, len(self.factors), cfg.random_phase)
+        self.spec = cfg.variant_spec(len(self.factors))
         data.validate(classified=list(self.spec.classified))
+        check_descriptor(cfg, self.spec, self.factors)
         self.n_classes = data.n_classes
         self.class_names = data.class_names
         self.codec_tensors, self.codec_meta = codec_state if codec_state is not None else ({}, {})
@@ -202,6 +222,11 @@ class Trainer:
         self.labels = [data.labels[f].to(self.device) for f in self.factors]
         self.class_choices = [torch.nonzero(torch.bincount(lab[lab >= 0], minlength=n)).flatten()
                               for lab, n in zip(self.labels, self.n_classes)]
+        self.descriptors: tuple[torch.Tensor, torch.Tensor] | None = None
+        if cfg.descriptor_size:
+            targets, valid = residual_descriptors(data.images, data.mask, data.labels[self.factors[0]],
+                                                  data.labels[self.factors[EXPRESSION]], cfg.descriptor_size)
+            self.descriptors = (targets.to(self.device), valid.to(self.device))
         real_weights = [class_weights(data.labels[self.factors[k]], self.n_classes[k]).to(self.device)
                         for k in self.spec.classified]
 
@@ -233,7 +258,7 @@ class Trainer:
                                 self.factors, real_weights, self.mask, make_autocast(cfg.amp, self.device))
         self.grid_codes = self._grid_codes()
         self.meter = Meter()
-        self.columns = log_columns(self.spec, self.factors)
+        self.columns = log_columns(self.spec, self.factors, self.descriptors is not None)
 
     # ---------------------------------------------------------------------------------------- setup
 
@@ -329,7 +354,9 @@ class Trainer:
                 fake = self.G_sync(codes.z()).float()
             alpha = torch.rand(self.local_batch, generator=self.sample_gen, device=self.device)
             self.opt_D.zero_grad(set_to_none=True)
-            loss, stats = self.loss.discriminator_loss(self.D_sync, self.D, real, real_labels, fake, codes.labels, alpha)
+            real_descriptors = None if self.descriptors is None else (self.descriptors[0][idx], self.descriptors[1][idx])
+            loss, stats = self.loss.discriminator_loss(self.D_sync, self.D, real, real_labels, fake, codes.labels, alpha,
+                                                       real_descriptors)
             loss.backward()
             self.opt_D.step()
             self.meter.add(stats)

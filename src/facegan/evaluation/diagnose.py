@@ -1,0 +1,181 @@
+"""Why a GAN's codes are (not) decoupled: what each code moves, and how far the feature loss can go.
+
+Two measurements beyond Table 1 (docs/evaluation.md, "Diagnosing decoupling"):
+
+* **Code effects** (data synthesized from ICT: the oracle reads identity and expression off the meshes):
+  groups of samples in which one code varies while every other code and the noise stay fixed. The
+  within-group identity and expression variance, over the training data's, says what that code moves.
+  In a decoupled model z_id moves only the identity, z_exp only the expression, the noise neither.
+* **Feature floors** (any dataset; needs a training checkpoint, which holds D): the feature loss of each
+  classifier branch (Eq. 10's 1 - cos, or the expression-descriptor distance) over pairs of real training
+  images that share one factor's label and differ in another's, over random pairs, and over generated
+  pairs that share one code. If real faces with the same expression on different identities are already
+  as far apart in C_exp's features as random faces, the loss cannot tell a code that changes the
+  identity (allowed) from one that changes the expression (not).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from facegan.data.dataset import open_dataset
+from facegan.errors import FaceganError
+from facegan.fileio import atomic_path, write_json
+from facegan.metrics.oracle import OracleProjector, oracle_decoupling
+from facegan.model import FaceModel
+from facegan.nn.losses import pair_distance
+from facegan.nn.networks import Discriminator
+from facegan.train.checkpoint import load_checkpoint, load_module
+from facegan.train.config import TrainConfig
+from facegan.train.data import TrainingImages, to_network
+
+__all__ = ["code_effects", "feature_floors", "load_discriminator", "diagnose"]
+
+NOISE = "noise"
+
+
+def _generate(model: FaceModel, codes: dict[str, torch.Tensor], chunk: int = 256) -> torch.Tensor:
+    """(N, 3, R, R) images of ``codes`` (factor name -> (N, size), plus "noise"), in chunks."""
+    n = len(codes[NOISE])
+    with torch.no_grad():
+        return torch.cat([model.generate([codes[f][s:s + chunk] for f in model.factors], codes[NOISE][s:s + chunk])
+                          for s in range(0, n, chunk)])
+
+
+def code_effects(model: FaceModel, to_meshes, projector: OracleProjector, reference: dict, groups: int = 40,
+                 size: int = 40, seed: int = 0) -> dict[str, dict[str, float]]:
+    """For each code (every factor, then the noise): identity and expression ratios of groups in which that
+    code varies and all others are fixed.
+
+    to_meshes: (B, 3, R, R) images -> (B, V, 3) mm; reference: oracle coefficients of the training data.
+    Returns code name -> {"identity": ratio, "expression": ratio} (0 = does not move it, ~1 = as much as
+    the data varies).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    sizes = dict(zip(model.factors, model.code_sizes)) | {NOISE: model.noise_size}
+    effects = {}
+    for varied in sizes:
+        codes = {name: torch.randn(groups * size, d, generator=gen) if name == varied
+                 else torch.randn(groups, d, generator=gen).repeat_interleave(size, 0) for name, d in sizes.items()}
+        images = _generate(model, {k: v.to(model.device) for k, v in codes.items()})
+        meshes = np.concatenate([to_meshes(images[s:s + 256]) for s in range(0, len(images), 256)])
+        result = oracle_decoupling(projector, meshes.reshape(groups, size, *meshes.shape[1:]), reference)
+        effects[varied] = {"identity": result["identity_ratio"], "expression": result["expression_ratio"]}
+    return effects
+
+
+def load_discriminator(checkpoint: str | os.PathLike, data: TrainingImages) -> tuple[Discriminator, list[int]]:
+    """D of a training checkpoint, built for ``data``'s factors and classes; returns (D, the factor index of
+    each classifier branch)."""
+    from facegan.train.loop import build_networks
+
+    tensors, meta = load_checkpoint(checkpoint, "cpu")
+    if "opt_D" not in meta:
+        raise FaceganError(f"{checkpoint}: a model file holds no discriminator; give the run's checkpoint.safetensors")
+    if meta.get("class_names") != data.class_names:
+        raise FaceganError(f"{checkpoint}: trained with other factors or classes than the dataset's")
+    config = TrainConfig.from_dict(meta["config"], source=str(checkpoint))
+    spec = config.variant_spec(len(data.factors))
+    _, discriminator = build_networks(config, spec, data.mask, data.n_classes)
+    load_module(discriminator, "D", tensors, str(checkpoint))
+    return discriminator.eval(), list(spec.classified)
+
+
+def _real_pairs(labels: dict[str, torch.Tensor], n: int, gen: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Pairs of real images: for each factor k and other factor j, "same k, other j" (both labels known,
+    k equal, j different), plus "random". Each kind has up to ``n`` pairs."""
+    names = list(labels)
+    count = len(labels[names[0]])
+    kinds = {}
+    for k in names:
+        for j in names:
+            if j == k:
+                continue
+            a, b = torch.randint(count, (2, 50 * n), generator=gen)
+            keep = ((labels[k][a] >= 0) & (labels[k][a] == labels[k][b]) & (labels[j][a] >= 0) & (labels[j][b] >= 0)
+                    & (labels[j][a] != labels[j][b]))
+            kinds[f"real: same {k}, other {j}"] = (a[keep][:n], b[keep][:n])
+    a, b = torch.randint(count, (2, n), generator=gen)
+    kinds["real: random pairs"] = (a, b)
+    return kinds
+
+
+def feature_floors(model: FaceModel, discriminator: Discriminator, branch_factors: list[int], data: TrainingImages,
+                   pairs: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+    """The feature loss of each classifier branch over real and generated pairs.
+
+    Returns pair kind -> {factor of the branch: mean pair distance}. Kinds: the real kinds of
+    :func:`_real_pairs` and "generated: shared z_<factor>" (pairs sharing that code, every other code
+    and the noise drawn per sample).
+    """
+    gen = torch.Generator().manual_seed(seed)
+    branches = {data.factors[k]: b for b, k in enumerate(branch_factors)}
+
+    def distances(images: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            out = discriminator(images, critic=False)
+        return {f: float(pair_distance(out, b, first, second)) for f, b in branches.items()}
+
+    table = {}
+    for kind, (a, b) in _real_pairs(data.labels, pairs, gen).items():
+        if len(a) == 0:
+            continue
+        order = torch.cat([a, b])
+        images = to_network(data.images[order], data.mask).contiguous()
+        index = torch.arange(len(a))
+        table[kind] = distances(images, index, index + len(a))
+    sizes = dict(zip(model.factors, model.code_sizes)) | {NOISE: model.noise_size}
+    for shared in model.factors:
+        codes = {name: torch.randn(pairs, d, generator=gen).repeat_interleave(2, 0) if name == shared
+                 else torch.randn(2 * pairs, d, generator=gen) for name, d in sizes.items()}
+        images = _generate(model, codes).cpu()
+        index = torch.arange(0, 2 * pairs, 2)
+        table[f"generated: shared z_{shared}"] = distances(images, index, index + 1)
+    return table
+
+
+def _markdown(run: str, effects: dict | None, floors: dict) -> str:
+    lines = [f"# Decoupling diagnosis of {run}", ""]
+    if effects is None:
+        lines += ["Code effects: skipped (the dataset was not synthesized from the ICT model: no oracle).", ""]
+    else:
+        lines += ["Code effects: within-group variance over the training data's when only this code varies "
+                  "(0 = the code does not move it).", "", "| code varied | identity | expression |", "|---|---|---|"]
+        lines += [f"| {code} | {v['identity']:.3f} | {v['expression']:.3f} |" for code, v in effects.items()]
+        lines.append("")
+    factors = list(next(iter(floors.values())))
+    lines += ["Feature floors: the feature loss of each classifier branch over pairs (0 = identical features).", "",
+              "| pairs | " + " | ".join(f"C_{f}" for f in factors) + " |", "|---" * (len(factors) + 1) + "|"]
+    lines += [f"| {kind} | " + " | ".join(f"{v[f]:.3f}" for f in factors) + " |" for kind, v in floors.items()]
+    return "\n".join(lines) + "\n"
+
+
+def diagnose(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, pairs: int = 2000,
+             groups: int = 40, size: int = 40, seed: int = 0) -> Path:
+    """``facegan diagnose``: code effects and feature floors of a training checkpoint on a dataset; writes
+    ``out``/diagnosis.md and diagnosis.json and returns the markdown path."""
+    from facegan.evaluation.evaluate import EvaluationData
+    from facegan.sampling import codec_of, images_to_meshes
+    from facegan.train.prepare import ensure_encoded, training_images
+
+    model = FaceModel.load(checkpoint)
+    dataset = open_dataset(data)
+    images = training_images(dataset, ensure_encoded(dataset, model.resolution))
+    discriminator, branch_factors = load_discriminator(checkpoint, images)
+    floors = feature_floors(model, discriminator, branch_factors, images, pairs, seed)
+    oracle = EvaluationData(dataset, progress=False).oracle
+    effects = None
+    if oracle is not None:
+        codec = codec_of(model)
+        effects = code_effects(model, lambda x: images_to_meshes(codec, x).cpu().numpy(), *oracle, groups, size, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "diagnosis.json", {"checkpoint": str(checkpoint), "data": str(data), "code_effects": effects,
+                                        "feature_floors": floors})
+    with atomic_path(out / "diagnosis.md") as tmp:
+        tmp.write_text(_markdown(str(checkpoint), effects, floors))
+    return out / "diagnosis.md"
