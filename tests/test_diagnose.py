@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from facegan.errors import FaceganError
-from facegan.evaluation.diagnose import code_effects, feature_floors, load_discriminator
+from facegan.evaluation.diagnose import code_effects, feature_floors, fixed_code_accuracy, load_discriminator
 from facegan.metrics.oracle import OracleProjector
 from facegan.model import FaceModel
 from facegan.train.loop import train
@@ -62,6 +62,9 @@ def test_feature_floors_of_a_trained_run(tmp_path):
     for row in floors.values():
         assert set(row) == {"identity", "expression"}
         assert all(0.0 <= v <= 2.0 for v in row.values())
+    accuracy = fixed_code_accuracy(FaceModel.load(run / "checkpoint.safetensors"), discriminator, branch_factors,
+                                   data.factors, per_class=3)
+    assert set(accuracy) == {"identity", "expression"} and all(0.0 <= a <= 1.0 for a in accuracy.values())
     with pytest.raises(FaceganError, match="holds no discriminator"):
         load_discriminator(run / "model.safetensors", data)
     with pytest.raises(FaceganError, match="other factors or classes"):

@@ -1,6 +1,6 @@
 """Why a GAN's codes are (not) decoupled: what each code moves, and how far the feature loss can go.
 
-Two measurements beyond Table 1 (docs/evaluation.md, "Diagnosing decoupling"):
+Measurements beyond Table 1 (docs/evaluation.md, "Diagnosing decoupling"):
 
 * **Code effects** (data synthesized from ICT: the oracle reads identity and expression off the meshes):
   groups of samples in which one code varies while every other code and the noise stay fixed. The
@@ -12,6 +12,8 @@ Two measurements beyond Table 1 (docs/evaluation.md, "Diagnosing decoupling"):
   pairs that share one code. If real faces with the same expression on different identities are already
   as far apart in C_exp's features as random faces, the loss cannot tell a code that changes the
   identity (allowed) from one that changes the expression (not).
+* **Fixed-code accuracy**: D's classifier of each factor on samples made with that factor's fixed codes
+  T^k_c, the other codes random: does G make what the labeled codes ask for?
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from facegan.train.checkpoint import load_checkpoint, load_module
 from facegan.train.config import TrainConfig
 from facegan.train.data import TrainingImages, to_network
 
-__all__ = ["code_effects", "feature_floors", "load_discriminator", "diagnose"]
+__all__ = ["code_effects", "feature_floors", "fixed_code_accuracy", "load_discriminator", "diagnose"]
 
 NOISE = "noise"
 
@@ -138,7 +140,28 @@ def feature_floors(model: FaceModel, discriminator: Discriminator, branch_factor
     return table
 
 
-def _markdown(run: str, effects: dict | None, floors: dict) -> str:
+def fixed_code_accuracy(model: FaceModel, discriminator: Discriminator, branch_factors: list[int], factors: list[str],
+                        per_class: int = 20, seed: int = 0) -> dict[str, float]:
+    """For each classified factor k: the accuracy of D's classifier k on samples generated with the fixed code
+    T^k_c of each class c (``per_class`` samples per class, every other code and the noise random)."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = dict(zip(model.factors, model.code_sizes)) | {NOISE: model.noise_size}
+    accuracy = {}
+    for branch, k in enumerate(branch_factors):
+        factor = factors[k]
+        table = model.fixed_codes[factor].cpu()
+        classes = torch.arange(len(table)).repeat_interleave(per_class)
+        codes = {name: table[classes] if name == factor else torch.randn(len(classes), d, generator=gen)
+                 for name, d in sizes.items()}
+        images = _generate(model, codes).cpu()
+        with torch.no_grad():
+            logits = torch.cat([discriminator(images[s:s + 256], critic=False, branches=[branch]).logits[branch]
+                                for s in range(0, len(images), 256)])
+        accuracy[factor] = float((logits.argmax(1) == classes).float().mean())
+    return accuracy
+
+
+def _markdown(run: str, effects: dict | None, floors: dict, accuracy: dict[str, float]) -> str:
     lines = [f"# Decoupling diagnosis of {run}", ""]
     if effects is None:
         lines += ["Code effects: skipped (the dataset was not synthesized from the ICT model: no oracle).", ""]
@@ -151,6 +174,9 @@ def _markdown(run: str, effects: dict | None, floors: dict) -> str:
     lines += ["Feature floors: the feature loss of each classifier branch over pairs (0 = identical features).", "",
               "| pairs | " + " | ".join(f"C_{f}" for f in factors) + " |", "|---" * (len(factors) + 1) + "|"]
     lines += [f"| {kind} | " + " | ".join(f"{v[f]:.3f}" for f in factors) + " |" for kind, v in floors.items()]
+    lines += ["", "Fixed-code accuracy: D's classifier on samples made with each class's fixed code T^k_c "
+              "(other codes random).", ""]
+    lines += [f"- C_{f}: {a:.1%}" for f, a in accuracy.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -167,6 +193,7 @@ def diagnose(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | 
     images = training_images(dataset, ensure_encoded(dataset, model.resolution))
     discriminator, branch_factors = load_discriminator(checkpoint, images)
     floors = feature_floors(model, discriminator, branch_factors, images, pairs, seed)
+    accuracy = fixed_code_accuracy(model, discriminator, branch_factors, images.factors, seed=seed)
     oracle = EvaluationData(dataset, progress=False).oracle
     effects = None
     if oracle is not None:
@@ -175,7 +202,7 @@ def diagnose(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "diagnosis.json", {"checkpoint": str(checkpoint), "data": str(data), "code_effects": effects,
-                                        "feature_floors": floors})
+                                        "feature_floors": floors, "fixed_code_accuracy": accuracy})
     with atomic_path(out / "diagnosis.md") as tmp:
-        tmp.write_text(_markdown(str(checkpoint), effects, floors))
+        tmp.write_text(_markdown(str(checkpoint), effects, floors, accuracy))
     return out / "diagnosis.md"
