@@ -138,13 +138,16 @@ def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: tor
         effect = group_mean(x - shape[i], e, n_exp)
         shape = group_mean(x - effect[e], i, n_id)
     seen = torch.bincount(i, minlength=n_id) > 0
-    fallback = group_mean(flat[valid], identity[valid], n_id) - effect[torch.bincount(e, minlength=n_exp) > 0].mean(0)
-    shape = torch.where(seen[:, None], shape, fallback)
+    if not bool(seen.all()):
+        fallback = group_mean(flat[valid], identity[valid], n_id) - effect[torch.bincount(e, minlength=n_exp) > 0].mean(0)
+        shape = torch.where(seen[:, None], shape, fallback)
 
-    labeled = torch.nonzero(valid).flatten()
-    residual = flat[labeled] - shape[identity[labeled]]
+    residual = flat if bool(valid.all()) else flat[valid]
+    groups = identity[valid]
+    for s in range(0, len(residual), chunk):  # in place, a chunk at a time: 30,000 images are ~2 GB
+        residual[s:s + chunk] -= shape[groups[s:s + chunk]]
     residual -= residual.mean(0)
-    k = min(n_components, len(labeled) - 1, residual.shape[1])
+    k = min(n_components, len(residual) - 1, residual.shape[1])
     if k < n_components:
         raise FaceganError(f"expression descriptor: {n_components} components asked, the data supports {k}")
     with torch.random.fork_rng():  # the same targets in a run and in its resumption
@@ -152,5 +155,5 @@ def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: tor
         u, _, _ = torch.svd_lowrank(residual, q=k + 8, niter=6)
     u = u[:, :k] * torch.sign(u.sum(0, keepdim=True)[:, :k] + 1e-300)  # sign convention: positive sum of scores
     targets = torch.zeros(len(images), k, dtype=torch.float32)
-    targets[labeled] = (u * (len(labeled) - 1) ** 0.5).float()  # scores u * s have std s / sqrt(n - 1)
+    targets[valid] = (u * (len(residual) - 1) ** 0.5).float()  # scores u * s have std s / sqrt(n - 1)
     return targets, valid

@@ -94,8 +94,8 @@ def build_networks(cfg: TrainConfig, spec: VariantSpec, mask: torch.Tensor, n_cl
 
 
 def check_descriptor(cfg: TrainConfig, spec: VariantSpec, factors: list[str]) -> None:
-    """The expression descriptor is the residual from the identity mean: it needs exactly the two factors
-    (identity, then expression), the second with a classifier branch."""
+    """The expression descriptor is the residual from the identity's expression-free shape: it needs exactly
+    the two factors (identity, then expression), the second with a classifier branch."""
     if not cfg.descriptor_size:
         return
     if len(factors) != 2:
