@@ -30,7 +30,7 @@ from facegan.fileio import atomic_path, write_json
 from facegan.metrics.oracle import OracleProjector, oracle_decoupling
 from facegan.model import FaceModel
 from facegan.nn.losses import pair_distance
-from facegan.nn.networks import Discriminator
+from facegan.nn.networks import Discriminator, DOutput
 from facegan.train.checkpoint import load_checkpoint, load_module
 from facegan.train.config import TrainConfig
 from facegan.train.data import TrainingImages, to_network
@@ -48,6 +48,18 @@ def _generate(model: FaceModel, codes: dict[str, torch.Tensor], chunk: int = 256
                           for s in range(0, n, chunk)])
 
 
+def _classify(discriminator: Discriminator, images: torch.Tensor, chunk: int = 256) -> DOutput:
+    """D's classifier outputs (logits, features, descriptors of every branch) for (N, 3, R, R) images, in chunks."""
+    with torch.no_grad():
+        outs = [discriminator(images[s:s + chunk], critic=False) for s in range(0, len(images), chunk)]
+
+    def joined(field: str) -> list[torch.Tensor | None]:
+        per_branch = zip(*[getattr(o, field) for o in outs])
+        return [None if parts[0] is None else torch.cat(parts) for parts in per_branch]
+
+    return DOutput(None, joined("logits"), joined("features"), joined("descriptors"))
+
+
 def code_effects(model: FaceModel, to_meshes, projector: OracleProjector, reference: dict, groups: int = 40,
                  size: int = 40, seed: int = 0) -> dict[str, dict[str, float]]:
     """For each code (every factor, then the noise): identity and expression ratios of groups in which that
@@ -63,7 +75,7 @@ def code_effects(model: FaceModel, to_meshes, projector: OracleProjector, refere
     for varied in sizes:
         codes = {name: torch.randn(groups * size, d, generator=gen) if name == varied
                  else torch.randn(groups, d, generator=gen).repeat_interleave(size, 0) for name, d in sizes.items()}
-        images = _generate(model, {k: v.to(model.device) for k, v in codes.items()})
+        images = _generate(model, codes)
         meshes = np.concatenate([to_meshes(images[s:s + 256]) for s in range(0, len(images), 256)])
         result = oracle_decoupling(projector, meshes.reshape(groups, size, *meshes.shape[1:]), reference)
         effects[varied] = {"identity": result["identity_ratio"], "expression": result["expression_ratio"]}
@@ -118,8 +130,7 @@ def feature_floors(model: FaceModel, discriminator: Discriminator, branch_factor
     branches = {data.factors[k]: b for b, k in enumerate(branch_factors)}
 
     def distances(images: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> dict[str, float]:
-        with torch.no_grad():
-            out = discriminator(images, critic=False)
+        out = _classify(discriminator, images)
         return {f: float(pair_distance(out, b, first, second)) for f, b in branches.items()}
 
     table = {}
@@ -153,10 +164,7 @@ def fixed_code_accuracy(model: FaceModel, discriminator: Discriminator, branch_f
         classes = torch.arange(len(table)).repeat_interleave(per_class)
         codes = {name: table[classes] if name == factor else torch.randn(len(classes), d, generator=gen)
                  for name, d in sizes.items()}
-        images = _generate(model, codes).cpu()
-        with torch.no_grad():
-            logits = torch.cat([discriminator(images[s:s + 256], critic=False, branches=[branch]).logits[branch]
-                                for s in range(0, len(images), 256)])
+        logits = _classify(discriminator, _generate(model, codes).cpu()).logits[branch]
         accuracy[factor] = float((logits.argmax(1) == classes).float().mean())
     return accuracy
 
