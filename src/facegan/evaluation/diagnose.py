@@ -40,6 +40,11 @@ __all__ = ["code_effects", "feature_floors", "fixed_code_accuracy", "load_discri
 NOISE = "noise"
 
 
+def _code_sizes(model: FaceModel) -> dict[str, int]:
+    """Code size of every factor, then of the noise."""
+    return dict(zip(model.factors, model.code_sizes)) | {NOISE: model.noise_size}
+
+
 def _generate(model: FaceModel, codes: dict[str, torch.Tensor], chunk: int = 256) -> torch.Tensor:
     """(N, 3, R, R) images of ``codes`` (factor name -> (N, size), plus "noise"), in chunks."""
     n = len(codes[NOISE])
@@ -70,7 +75,7 @@ def code_effects(model: FaceModel, to_meshes, projector: OracleProjector, refere
     the data varies).
     """
     gen = torch.Generator().manual_seed(seed)
-    sizes = dict(zip(model.factors, model.code_sizes)) | {NOISE: model.noise_size}
+    sizes = _code_sizes(model)
     effects = {}
     for varied in sizes:
         codes = {name: torch.randn(groups * size, d, generator=gen) if name == varied
@@ -141,13 +146,10 @@ def feature_floors(model: FaceModel, discriminator: Discriminator, branch_factor
         images = to_network(data.images[order], data.mask).contiguous()
         index = torch.arange(len(a))
         table[kind] = distances(images, index, index + len(a))
-    sizes = dict(zip(model.factors, model.code_sizes)) | {NOISE: model.noise_size}
     for shared in model.factors:
-        codes = {name: torch.randn(pairs, d, generator=gen).repeat_interleave(2, 0) if name == shared
-                 else torch.randn(2 * pairs, d, generator=gen) for name, d in sizes.items()}
-        images = _generate(model, codes).cpu()
+        images, _ = model.sample(pairs, fix=shared, m=2, seed=seed)  # rows 2i, 2i+1 share the code
         index = torch.arange(0, 2 * pairs, 2)
-        table[f"generated: shared z_{shared}"] = distances(images, index, index + 1)
+        table[f"generated: shared z_{shared}"] = distances(images.cpu(), index, index + 1)
     return table
 
 
@@ -156,7 +158,7 @@ def fixed_code_accuracy(model: FaceModel, discriminator: Discriminator, branch_f
     """For each classified factor k: the accuracy of D's classifier k on samples generated with the fixed code
     T^k_c of each class c (``per_class`` samples per class, every other code and the noise random)."""
     gen = torch.Generator().manual_seed(seed)
-    sizes = dict(zip(model.factors, model.code_sizes)) | {NOISE: model.noise_size}
+    sizes = _code_sizes(model)
     accuracy = {}
     for branch, k in enumerate(branch_factors):
         factor = factors[k]

@@ -139,8 +139,9 @@ def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: tor
         shape = group_mean(x - effect[e], i, n_id)
     seen = torch.bincount(i, minlength=n_id) > 0
     if not bool(seen.all()):
-        fallback = group_mean(flat[valid], identity[valid], n_id) - effect[torch.bincount(e, minlength=n_exp) > 0].mean(0)
-        shape = torch.where(seen[:, None], shape, fallback)
+        present = torch.bincount(e, minlength=n_exp) > 0
+        mean_effect = effect[present].mean(0) if bool(present.any()) else 0.0  # no image has both labels: 0
+        shape = torch.where(seen[:, None], shape, group_mean(flat[valid], identity[valid], n_id) - mean_effect)
 
     residual = flat if bool(valid.all()) else flat[valid]
     groups = identity[valid]
