@@ -6,7 +6,15 @@ to the optimized path, so each change's gain shows:
   fp32             float32, contiguous tensors, Adam with for-loop updates (foreach=False)
   +channels_last   float32, channels-last convolutions
   +fused_adam      ... and fused Adam
-  +bf16 (opt)      ... and bfloat16 autocast (the default ``small`` setting)
+  +bf16            ... and bfloat16 autocast
+  +retained heap (opt)  ... and glibc keeping freed memory (facegan.device.retain_freed_memory), as
+                   ``facegan train`` does on the CPU (the default ``small`` setting): the per-step
+                   gradients and bf16 copies of the 2048x4096 classifier weights stop faulting in
+                   fresh pages
+
+The allocator setting is process-wide and cannot be undone, so the settings run in child processes, the
+glibc default ones and the retained-heap one alternating (``--repeats`` times each); each child also times
+allocating and filling a 32 MB tensor (one such fp32 gradient) under its setting.
 
 FLOPs of an iteration are counted once with torch.utils.flop_counter.FlopCounterMode (forward, backward
 and the gradient penalty's double backward). Times are the fastest of ``--iters`` rounds, the settings
@@ -25,6 +33,9 @@ load 6); compare settings at --threads 1 there.
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,15 +43,17 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from facegan.device import retain_freed_memory
 from facegan.train.config import make_config
 from facegan.train.data import TrainingImages
 from facegan.train.loop import DistEnv, Trainer, epoch_permutation
 
-MODES = {  # name -> (amp, channels_last, fused Adam)
-    "fp32": ("none", False, False),
-    "+channels_last": ("none", True, False),
-    "+fused_adam": ("none", True, True),
-    "+bf16 (opt)": ("bf16", True, True),
+MODES = {  # name -> (amp, channels_last, fused Adam, retained heap)
+    "fp32": ("none", False, False, False),
+    "+channels_last": ("none", True, False, False),
+    "+fused_adam": ("none", True, True, False),
+    "+bf16": ("bf16", True, True, False),
+    "+retained heap (opt)": ("bf16", True, True, True),
 }
 
 
@@ -56,9 +69,9 @@ def synthetic_data(n: int, resolution: int = 64, n_id: int = 300, n_exp: int = 7
 
 
 def make_trainer(data: TrainingImages, width: int, mode: str, run_dir: Path) -> Trainer:
-    amp, channels_last, fused = MODES[mode]
+    amp, channels_last, fused, heap = MODES[mode]
     cfg = make_config("small", overrides=[f"g_channels={width}", f"d_channels={width}", f"amp={amp}",
-                                          f"channels_last={channels_last}", "progress=false"])
+                                          f"channels_last={channels_last}", f"retain_heap={heap}", "progress=false"])
     trainer = Trainer(data, cfg, run_dir, False, None, None, DistEnv())
     if not fused:  # swap in the plain for-loop Adam
         for name in ("opt_G", "opt_D"):
@@ -119,32 +132,75 @@ def measured_peak(dtype: torch.dtype, reps: int = 5) -> float:
     return best
 
 
+def allocation_ms(reps: int = 20) -> float:
+    """Milliseconds to allocate and fill a 32 MB float32 tensor (a clone of a 2048x4096 weight)."""
+    w = torch.randn(2048, 4096)
+    w.clone()
+    start = time.perf_counter()
+    for _ in range(reps):
+        w.clone()
+    return (time.perf_counter() - start) / reps * 1e3
+
+
+def child(args: argparse.Namespace) -> dict:
+    """Time the settings of one heap setting in this process: {"alloc_ms", "flops": {width}, "seconds": {width: {mode}}}."""
+    retained = args.heap == "retained"
+    if retained:
+        retain_freed_memory()
+    modes = [m for m in MODES if MODES[m][3] == retained]
+    data = synthetic_data(64 * 3 * (args.iters + 2))
+    result = {"alloc_ms": allocation_ms(), "flops": {}, "seconds": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for width in args.widths:
+            trainers = {mode: make_trainer(data, width, mode, Path(tmp) / f"{width}{mode}") for mode in modes}
+            result["flops"][width] = count_flops(next(iter(trainers.values())))
+            result["seconds"][width] = time_round_robin(trainers, args.iters)
+            del trainers
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64], help="G/D base channels (32 = small, 64 = paper)")
     parser.add_argument("--iters", type=int, default=3, help="timed iterations per setting")
+    parser.add_argument("--repeats", type=int, default=2, help="child processes per heap setting, alternating")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default, one per core)")
+    parser.add_argument("--heap", choices=["default", "retained"], help=argparse.SUPPRESS)  # a child's setting
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    data = synthetic_data(64 * 3 * (args.iters + 2))
+    if args.heap:
+        print(json.dumps(child(args)))
+        return
     peaks = {"fp32": measured_peak(torch.float32), "bf16": measured_peak(torch.bfloat16)}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak (matmul/conv): "
-          f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
-    print(f"{'width':>5} {'setting':<15} {'s/iter':>7} {'img/s':>6} {'GFLOP/it':>9} {'GFLOP/s':>8} {'of peak':>8} {'speedup':>8}")
-    with tempfile.TemporaryDirectory() as tmp:
-        for width in args.widths:
-            trainers = {mode: make_trainer(data, width, mode, Path(tmp) / f"{width}{mode}") for mode in MODES}
-            flops = count_flops(next(iter(trainers.values())))
-            seconds = time_round_robin(trainers, args.iters)
-            base = seconds["fp32"]
-            for mode, sec in seconds.items():
-                peak = peaks["bf16" if MODES[mode][0] == "bf16" else "fp32"]
-                achieved = flops / sec
-                print(f"{width:>5} {mode:<15} {sec:>7.3f} {64 * 3 / sec:>6.0f} {flops / 1e9:>9.1f} "
-                      f"{achieved / 1e9:>8.1f} {achieved / peak:>8.1%} {base / sec:>7.2f}x", flush=True)
-            del trainers
+          f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+    seconds: dict[str, dict[str, float]] = {}
+    alloc: dict[str, float] = {}
+    flops: dict[str, int] = {}
+    for _ in range(args.repeats):
+        for heap in ("default", "retained"):
+            command = [sys.executable, __file__, "--heap", heap, "--iters", str(args.iters),
+                       "--threads", str(args.threads), "--widths", *map(str, args.widths)]
+            result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+            alloc[heap] = min(alloc.get(heap, float("inf")), result["alloc_ms"])
+            flops.update(result["flops"])
+            for width, by_mode in result["seconds"].items():
+                best = seconds.setdefault(width, {})
+                for mode, sec in by_mode.items():
+                    best[mode] = min(best.get(mode, float("inf")), sec)
+    print(f"allocating and filling 32 MB: {alloc['default']:.1f} ms (glibc default), {alloc['retained']:.1f} ms "
+          f"(retained heap)")
+    print(f"{'width':>5} {'setting':<20} {'s/iter':>7} {'img/s':>6} {'GFLOP/it':>9} {'GFLOP/s':>8} {'of peak':>8} {'speedup':>8}")
+    for width, by_mode in seconds.items():
+        base = by_mode["fp32"]
+        for mode in MODES:
+            sec = by_mode[mode]
+            achieved = flops[width] / sec
+            peak = peaks["bf16" if MODES[mode][0] == "bf16" else "fp32"]
+            print(f"{width:>5} {mode:<20} {sec:>7.3f} {64 * 3 / sec:>6.0f} {flops[width] / 1e9:>9.1f} "
+                  f"{achieved / 1e9:>8.1f} {achieved / peak:>8.1%} {base / sec:>7.2f}x")
 
 
 if __name__ == "__main__":

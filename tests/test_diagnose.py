@@ -53,7 +53,7 @@ def test_feature_floors_of_a_trained_run(tmp_path):
     data = synth()
     run = tmp_path / "run"
     train(data, tiny_config("epochs=1"), run)
-    discriminator, branch_factors = load_discriminator(run / "checkpoint.safetensors", data)
+    discriminator, branch_factors, _ = load_discriminator(run / "checkpoint.safetensors", data)
     assert branch_factors == [0, 1]
     floors = feature_floors(FaceModel.load(run / "checkpoint.safetensors"), discriminator, branch_factors, data,
                             pairs=16)
@@ -69,3 +69,19 @@ def test_feature_floors_of_a_trained_run(tmp_path):
         load_discriminator(run / "model.safetensors", data)
     with pytest.raises(FaceganError, match="other factors or classes"):
         load_discriminator(run / "checkpoint.safetensors", synth(n_classes=(4, 2)))
+
+
+def test_feature_floors_use_the_linear_descriptor_a_run_trained_with(tmp_path):
+    """A run trained with the fixed linear descriptor is diagnosed with it: the expression column is the
+    distance of those descriptors; the identity column keeps Eq. 9's cosine."""
+    data = synth()
+    run = tmp_path / "run"
+    train(data, tiny_config("epochs=1", "descriptor_size=3", "descriptor=linear"), run)
+    discriminator, branch_factors, linear = load_discriminator(run / "checkpoint.safetensors", data)
+    assert linear is not None and linear.weights.shape == (3, 3, 16, 16)
+    model = FaceModel.load(run / "checkpoint.safetensors")
+    floors = feature_floors(model, discriminator, branch_factors, data, pairs=64, linear=linear)
+    cosine = feature_floors(model, discriminator, branch_factors, data, pairs=64)
+    for kind, row in floors.items():
+        assert row["identity"] == cosine[kind]["identity"]  # C_id keeps Eq. 9's cosine
+        assert row["expression"] != cosine[kind]["expression"]

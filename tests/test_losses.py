@@ -9,8 +9,10 @@ import torch
 from facegan.errors import FaceganError
 from facegan.nn.losses import (BatchPlan, FaceGANLoss, LossWeights, class_weights, correct_and_count,
                                critic_loss_d, critic_loss_g, descriptor_distance, descriptor_regression, feature_loss,
-                               gradient_penalty, plan_batch, sample_codes, total_variation, variant_spec, weighted_nll)
+                               gradient_penalty, plan_batch, prototype_distance, sample_codes, total_variation,
+                               variant_spec, weighted_nll)
 from facegan.nn.networks import Discriminator, Generator
+from facegan.train.data import LinearDescriptor
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -246,6 +248,38 @@ def test_expression_descriptor_replaces_the_cosine_feature_loss_of_its_factor():
     assert g_stats["g_feat_expression"][0].item() == pytest.approx(expected.item(), rel=1e-5)
     batch = sample_codes(4, plan_batch(spec, 1), tables, choices, 2, gen)  # identity codes paired
     _, g_stats = loss.generator_loss(g, d, batch)
+    expected = feature_loss(d(g(batch.z()), critic=False).features[0], *batch.pairs[0])
+    assert g_stats["g_feat_identity"][0].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_prototype_distance_by_hand():
+    d = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    p = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    assert prototype_distance(d, p).item() == pytest.approx((1 / 2 / 2 + 0) / 2)
+
+
+def test_linear_descriptor_drives_the_expression_terms_of_g():
+    """With a fixed linear descriptor, the expression feature loss compares the fakes' linear descriptors
+    (not D's), and fakes of a labeled expression code are compared to their class's prototype."""
+    torch.manual_seed(0)
+    spec = variant_spec("full", 2)
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    g = Generator([4, 3], 2, mask, base_channels=4)
+    d = Discriminator(16, [4, 3], base_channels=4, feature_size=8)
+    linear = LinearDescriptor(torch.randn(5, 3, 16, 16) / 30, torch.randn(5), torch.randn(3, 5))
+    loss = FaceGANLoss(spec, LossWeights(), ["identity", "expression"], [torch.ones(4), torch.ones(3)], mask,
+                       linear_descriptor=(1, linear))
+    tables, choices = [torch.randn(4, 4), torch.randn(3, 3)], [torch.arange(4), torch.arange(3)]
+    gen = torch.Generator().manual_seed(0)
+    batch = sample_codes(4, plan_batch(spec, 0), tables, choices, 2, gen)  # identity labeled, expression paired
+    _, g_stats = loss.generator_loss(g, d, batch)
+    expected = descriptor_distance(linear(g(batch.z())), *batch.pairs[1])
+    assert g_stats["g_feat_expression"][0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert "g_proto_expression" not in g_stats
+    batch = sample_codes(4, plan_batch(spec, 1), tables, choices, 2, gen)  # expression labeled
+    _, g_stats = loss.generator_loss(g, d, batch)
+    expected = prototype_distance(linear(g(batch.z())), linear.prototypes[batch.labels[1]])
+    assert g_stats["g_proto_expression"][0].item() == pytest.approx(expected.item(), rel=1e-5)
     expected = feature_loss(d(g(batch.z()), critic=False).features[0], *batch.pairs[0])
     assert g_stats["g_feat_identity"][0].item() == pytest.approx(expected.item(), rel=1e-5)
 

@@ -15,8 +15,9 @@ from facegan.errors import FaceganError
 from facegan.model import FaceModel
 from facegan.train import loop
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
-from facegan.train.config import TrainConfig, apply_overrides, make_config
-from facegan.train.data import TrainingImages, residual_descriptors, to_network, to_uint8
+from facegan.train.config import TrainConfig, apply_overrides, config_differences, make_config
+from facegan.train.data import (TrainingImages, chart_vectors, fit_linear_descriptor, residual_descriptors,
+                                to_network, to_uint8)
 from facegan.train.loop import logged_training_seconds, train
 
 
@@ -257,6 +258,54 @@ def test_training_with_an_expression_descriptor(tmp_path):
         tiny_config("descriptor_size=-1")
 
 
+def test_linear_descriptor_reads_the_expression_off_the_image_alone():
+    """The ridge map from an image to its descriptor cancels the identity: on additive faces it returns the
+    residual descriptor without being told who wears the expression, and each class's prototype is that
+    class's descriptor."""
+    images, identity, labels, truth = additive_faces()
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    targets, valid = residual_descriptors(images, mask, identity, labels, 3)
+    linear = fit_linear_descriptor(images, mask, targets, valid, labels, ridge=1e-9, prototypes=True)
+    assert linear.weights.shape == (3, 3, 16, 16) and linear.prototypes.shape == (4, 3)
+    predicted = linear(to_network(images, mask))
+    torch.testing.assert_close(predicted, targets, atol=1e-3, rtol=0)
+    for e in range(4):
+        torch.testing.assert_close(linear.prototypes[e], targets[truth == e][0], atol=1e-4, rtol=0)
+
+
+def test_linear_descriptor_is_a_weighted_sum_of_the_chart_pixels():
+    """descriptor = sum over chart pixels and channels of weight * value + bias; outside the chart the
+    weights are 0, so what G writes there (0, by its mask) cannot matter."""
+    images, identity, labels, _ = additive_faces()
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[2:14, 3:12] = True
+    targets, valid = residual_descriptors(images, mask, identity, labels, 2)
+    linear = fit_linear_descriptor(images, mask, targets, valid, labels, ridge=1e-3, prototypes=False)
+    assert linear.prototypes is None and not linear.weights[:, :, ~mask].any()
+    x = to_network(images[:3], mask)
+    for b in range(3):
+        for k in range(2):
+            by_loop = sum(float(linear.weights[k, c, i, j]) * float(x[b, c, i, j])
+                          for c in range(3) for i in range(16) for j in range(16) if mask[i, j])
+            assert linear(x)[b, k].item() == pytest.approx(by_loop + float(linear.bias[k]), abs=1e-3)
+    assert chart_vectors(images[:3], mask).shape == (3, 3 * int(mask.sum()))
+
+
+def test_training_with_a_linear_descriptor_and_prototypes(tmp_path):
+    run = tmp_path / "run"
+    train(synth(), tiny_config("epochs=1", "descriptor_size=3", "descriptor=linear", "descriptor_prototypes=true"),
+          run)
+    header = (run / "log.csv").read_text().splitlines()[0].split(",")
+    assert "g_proto_expression" in header and "g_feat_expression" in header
+    assert "d_descriptor_expression" not in header  # D learns no descriptor head
+    tensors, _ = load_checkpoint(run / "checkpoint.safetensors")
+    assert not any(".descriptor." in k for k in tensors)
+    with pytest.raises(FaceganError, match="descriptor_prototypes needs"):
+        tiny_config("descriptor_size=3", "descriptor_prototypes=true")
+    with pytest.raises(FaceganError, match="descriptor=.pca.: expected one of head, linear"):
+        tiny_config("descriptor=pca")
+
+
 def _killed_at(iteration: int):
     def hook(i: int) -> None:
         if i == iteration:
@@ -284,6 +333,17 @@ def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
             assert torch.equal(a[key], b[key]), key
     strip = lambda p: [r.split(",")[:2] + r.split(",")[4:] for r in p.read_text().splitlines()]
     assert strip(tmp_path / "straight" / "log.csv") == strip(tmp_path / "resumed" / "log.csv")
+
+
+def test_config_differences_ignore_speed_keys_and_count_new_keys_as_their_default():
+    """A run resumes with another allocator setting, and a run saved before a key existed trained with
+    that key's default; any other change is a difference."""
+    saved = tiny_config("epochs=1").to_dict()
+    assert config_differences(saved, tiny_config("epochs=1", "retain_heap=false")) == []
+    older = {k: v for k, v in saved.items() if k not in ("descriptor", "descriptor_prototypes")}
+    assert config_differences(older, tiny_config("epochs=1")) == []
+    assert config_differences(older, tiny_config("epochs=1", "descriptor_size=3", "descriptor=linear")) == [
+        "descriptor", "descriptor_size"]
 
 
 def test_resume_with_other_config_or_data_is_refused(tmp_path):

@@ -29,11 +29,11 @@ from facegan.errors import FaceganError
 from facegan.fileio import atomic_path, write_json
 from facegan.metrics.oracle import OracleProjector, oracle_decoupling
 from facegan.model import FaceModel
-from facegan.nn.losses import pair_distance
+from facegan.nn.losses import descriptor_distance, pair_distance
 from facegan.nn.networks import Discriminator, DOutput
 from facegan.train.checkpoint import load_checkpoint, load_module
 from facegan.train.config import TrainConfig
-from facegan.train.data import TrainingImages, to_network
+from facegan.train.data import EXPRESSION, LinearDescriptor, TrainingImages, to_network
 
 __all__ = ["code_effects", "feature_floors", "fixed_code_accuracy", "load_discriminator", "diagnose"]
 
@@ -87,10 +87,11 @@ def code_effects(model: FaceModel, to_meshes, projector: OracleProjector, refere
     return effects
 
 
-def load_discriminator(checkpoint: str | os.PathLike, data: TrainingImages) -> tuple[Discriminator, list[int]]:
+def load_discriminator(checkpoint: str | os.PathLike, data: TrainingImages
+                       ) -> tuple[Discriminator, list[int], LinearDescriptor | None]:
     """D of a training checkpoint, built for ``data``'s factors and classes; returns (D, the factor index of
-    each classifier branch)."""
-    from facegan.train.loop import build_networks
+    each classifier branch, the run's fixed linear expression descriptor or None)."""
+    from facegan.train.loop import build_networks, linear_descriptor
 
     tensors, meta = load_checkpoint(checkpoint, "cpu")
     if "opt_D" not in meta:
@@ -101,7 +102,8 @@ def load_discriminator(checkpoint: str | os.PathLike, data: TrainingImages) -> t
     spec = config.variant_spec(len(data.factors))
     _, discriminator = build_networks(config, spec, data.mask, data.n_classes)
     load_module(discriminator, "D", tensors, str(checkpoint))
-    return discriminator.eval(), list(spec.classified)
+    linear = linear_descriptor(config, data) if config.descriptor_size and config.descriptor == "linear" else None
+    return discriminator.eval(), list(spec.classified), linear
 
 
 def _real_pairs(labels: dict[str, torch.Tensor], n: int, gen: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -124,19 +126,24 @@ def _real_pairs(labels: dict[str, torch.Tensor], n: int, gen: torch.Generator) -
 
 
 def feature_floors(model: FaceModel, discriminator: Discriminator, branch_factors: list[int], data: TrainingImages,
-                   pairs: int = 2000, seed: int = 0) -> dict[str, dict[str, float]]:
+                   pairs: int = 2000, seed: int = 0, linear: LinearDescriptor | None = None) -> dict[str, dict[str, float]]:
     """The feature loss of each classifier branch over real and generated pairs.
 
     Returns pair kind -> {factor of the branch: mean pair distance}. Kinds: the real kinds of
     :func:`_real_pairs` and "generated: shared z_<factor>" (pairs sharing that code, every other code
-    and the noise drawn per sample).
+    and the noise drawn per sample). With ``linear`` (a run trained with the fixed linear descriptor) the
+    expression column is the distance of those descriptors, the loss that run's G minimized.
     """
     gen = torch.Generator().manual_seed(seed)
     branches = {data.factors[k]: b for b, k in enumerate(branch_factors)}
+    described = data.factors[EXPRESSION] if linear is not None else None
 
     def distances(images: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> dict[str, float]:
         out = _classify(discriminator, images)
-        return {f: float(pair_distance(out, b, first, second)) for f, b in branches.items()}
+        table = {f: float(pair_distance(out, b, first, second)) for f, b in branches.items()}
+        if described is not None:
+            table[described] = float(descriptor_distance(linear(images), first, second))
+        return table
 
     table = {}
     for kind, (a, b) in _real_pairs(data.labels, pairs, gen).items():
@@ -201,8 +208,8 @@ def diagnose(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | 
     model = FaceModel.load(checkpoint)
     dataset = open_dataset(data)
     images = training_images(dataset, ensure_encoded(dataset, model.resolution))
-    discriminator, branch_factors = load_discriminator(checkpoint, images)
-    floors = feature_floors(model, discriminator, branch_factors, images, pairs, seed)
+    discriminator, branch_factors, linear = load_discriminator(checkpoint, images)
+    floors = feature_floors(model, discriminator, branch_factors, images, pairs, seed, linear)
     accuracy = fixed_code_accuracy(model, discriminator, branch_factors, images.factors, seed=seed)
     oracle = EvaluationData(dataset, progress=False).oracle
     effects = None

@@ -21,13 +21,16 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, replace
-from typing import Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
 
 from facegan.errors import FaceganError, lookup
 from facegan.nn.networks import Discriminator, DOutput
+
+if TYPE_CHECKING:
+    from facegan.train.data import LinearDescriptor
 
 # ------------------------------------------------------------------------------------------- variants
 
@@ -271,6 +274,12 @@ def descriptor_distance(descriptors: torch.Tensor, first: torch.Tensor, second: 
     return (d[first] - d[second]).square().mean(1).mul(0.5).mean()
 
 
+def prototype_distance(descriptors: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Labeled fakes against their class's prototype descriptor: mean over samples of 1/(2K) ||d - p||^2
+    (the scale of :func:`descriptor_distance`). descriptors, prototypes: (N, K)."""
+    return (descriptors.float() - prototypes).square().mean(1).mul(0.5).mean()
+
+
 def pair_distance(out: DOutput, branch: int, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """The feature loss of classifier ``branch`` over pairs: on its expression descriptors when it has them,
     else Eq. 10's cosine on its penultimate features. out: a D pass over the N samples the pairs index."""
@@ -319,18 +328,22 @@ class FaceGANLoss:
 
     spec: the variant; weights: loss weights; factor_names: names for the stats; real_class_weights[b]:
     (n_classes,) class weights of classifier branch b (real data only); mask: (R, R) UV-chart mask;
-    autocast: a factory of the mixed-precision context (a no-op context for float32).
+    autocast: a factory of the mixed-precision context (a no-op context for float32);
+    linear_descriptor: (factor, descriptor): the feature loss of that factor's pairs compares the fixed linear
+    descriptors of the fakes, and with prototypes its labeled fakes are pulled to their class's prototype.
     """
 
     def __init__(self, spec: VariantSpec, weights: LossWeights, factor_names: list[str],
                  real_class_weights: list[torch.Tensor], mask: torch.Tensor,
-                 autocast: Callable[[], ContextManager] = contextlib.nullcontext):
+                 autocast: Callable[[], ContextManager] = contextlib.nullcontext,
+                 linear_descriptor: tuple[int, LinearDescriptor] | None = None):
         self.spec = spec
         self.w = weights
         self.names = factor_names
         self.real_class_weights = real_class_weights
         self.mask = mask
         self.autocast = autocast
+        self.linear_descriptor = linear_descriptor
 
     def discriminator_loss(self, d_sync: torch.nn.Module, d_plain: Discriminator, real: torch.Tensor,
                            real_labels: list[torch.Tensor], fake: torch.Tensor,
@@ -386,12 +399,21 @@ class FaceGANLoss:
         gan = critic_loss_g(out.critic)
         loss = w.lambda_gan * gan
         stats: Stats = {"g_gan": (gan.detach(), 1.0)}
+        described, descriptor = self.linear_descriptor or (None, None)
+        descriptors = descriptor(fake) if described in set(labeled) | set(paired) else None
         for k in labeled:
             nll = weighted_nll(out.logits[spec.branch_of(k)], batch.labels[k])
             loss = loss + w.lambda_class * nll
             stats[f"g_class_{self.names[k]}"] = (nll.detach(), 1.0)
+            if k == described and descriptor.prototypes is not None:
+                proto = prototype_distance(descriptors, descriptor.prototypes[batch.labels[k]])
+                loss = loss + w.lambda_feat * proto
+                stats[f"g_proto_{self.names[k]}"] = (proto.detach(), 1.0)
         for k in paired:
-            feat = pair_distance(out, spec.branch_of(k), *batch.pairs[k])
+            if k == described:
+                feat = descriptor_distance(descriptors, *batch.pairs[k])
+            else:
+                feat = pair_distance(out, spec.branch_of(k), *batch.pairs[k])
             loss = loss + w.lambda_feat * feat
             stats[f"g_feat_{self.names[k]}"] = (feat.detach(), 1.0)
         if spec.tv:

@@ -20,11 +20,12 @@ VARIANTS = ("full", "acgan", "no-alternate", "no-tv", "no-feature", "id-only")
 PROFILES = ("small", "paper")
 AMP_MODES = ("none", "bf16")
 D_NORMS = ("layer", "instance", "none")
+DESCRIPTORS = ("head", "linear")
 
 # Keys that may differ between a run and its resumption: they change neither the models nor the
-# order of random draws, only how long the run lasts and how often it reports.
+# order of random draws, only how long the run lasts, how fast, and how often it reports.
 RESUMABLE_KEYS = frozenset({"epochs", "max_iters", "ckpt_every_iters", "ckpt_every_epochs", "sample_every_epochs",
-                            "log_every", "sample_grid", "progress"})
+                            "log_every", "sample_grid", "progress", "retain_heap"})
 
 
 @dataclass
@@ -70,6 +71,12 @@ class TrainConfig:
     # beyond the paper: C_exp also regresses an identity-normalized expression descriptor of this many
     # components, which the expression feature loss compares (docs/training.md, "Expression descriptor"; 0 = off)
     descriptor_size: int = 0
+    # where the descriptor comes from: "head" (learned by C_exp) or "linear" (a fixed ridge regression from the
+    # image, fitted once; docs/training.md, "Linear descriptor"); its ridge is relative to the images' norm
+    descriptor: str = "head"
+    descriptor_ridge: float = 3e-3
+    # with the linear descriptor: fakes of a labeled expression code are pulled to their class's mean descriptor
+    descriptor_prototypes: bool = False
     ema_beta: float = 0.999  # per generator step, with a (1+t)/(10+t) warm-up
     # length: stop at whichever comes first (0 = no limit on iterations). The small profile is bounded by
     # its time budget (max_iters), not by epochs, whose length depends on the dataset size
@@ -78,6 +85,7 @@ class TrainConfig:
     # speed
     amp: str = "bf16"  # autocast dtype on CPU and CUDA; "none" = float32
     channels_last: bool = True
+    retain_heap: bool = True  # on the CPU, glibc keeps freed memory for reuse (facegan.device.retain_freed_memory)
     # reporting
     ckpt_every_iters: int = 250
     ckpt_every_epochs: int = 5  # small datasets make short epochs: a checkpoint is ~250 MB at small widths
@@ -115,6 +123,11 @@ class TrainConfig:
             raise FaceganError(f"config code_sizes={self.code_sizes}: need positive sizes")
         if self.descriptor_size < 0:
             raise FaceganError(f"config descriptor_size={self.descriptor_size}: must be >= 0 (0 = off)")
+        _check_choice("descriptor", self.descriptor, DESCRIPTORS)
+        if self.descriptor_ridge <= 0:
+            raise FaceganError(f"config descriptor_ridge={self.descriptor_ridge}: must be positive")
+        if self.descriptor_prototypes and not (self.descriptor_size and self.descriptor == "linear"):
+            raise FaceganError("config descriptor_prototypes needs descriptor='linear' and descriptor_size > 0")
         if self.max_iters < 0:
             raise FaceganError(f"config max_iters={self.max_iters}: must be >= 0 (0 = no limit)")
         if not 0.0 <= self.ema_beta < 1.0:
@@ -195,10 +208,13 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 
 
 def config_differences(saved: dict[str, Any], requested: TrainConfig) -> list[str]:
-    """Keys whose values differ between a saved config dict and ``requested`` (ignoring RESUMABLE_KEYS)."""
-    wanted = requested.to_dict()
+    """Keys whose values differ between a saved config dict and ``requested`` (ignoring RESUMABLE_KEYS).
+
+    A key the saved config lacks was added to facegan after that run started, which then trained with the
+    key's default (every such key defaults to the earlier behaviour)."""
+    wanted, defaults = requested.to_dict(), TrainConfig().to_dict()
     keys = sorted((set(saved) | set(wanted)) - RESUMABLE_KEYS)
-    return [k for k in keys if saved.get(k) != wanted.get(k)]
+    return [k for k in keys if saved.get(k, defaults.get(k)) != wanted.get(k)]
 
 
 # ---------------------------------------------------------------------------------------------- helpers

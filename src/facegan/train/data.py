@@ -11,6 +11,7 @@ import torch
 from facegan.errors import FaceganError
 
 MISSING = -1  # label value of a sample without a label for that factor
+EXPRESSION = 1  # factor index of the expression, the factor an expression descriptor describes
 
 
 @dataclass
@@ -105,6 +106,13 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
 
 
+def chart_vectors(images: torch.Tensor, mask: torch.Tensor, chunk: int = 512) -> torch.Tensor:
+    """uint8 (N, H, W, 3) images -> (N, 3 * pixels inside ``mask``) float64 network values, pixel-major."""
+    inside = mask.flatten()
+    return torch.cat([to_network(images[s:s + chunk], mask).permute(0, 2, 3, 1).flatten(1, 2)[:, inside].flatten(1)
+                      for s in range(0, len(images), chunk)]).double()
+
+
 def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: torch.Tensor, expression: torch.Tensor,
                          n_components: int, chunk: int = 512, sweeps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets of the expression descriptor (beyond the paper, docs/training.md "Expression descriptor").
@@ -121,9 +129,7 @@ def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: tor
     valid = identity >= 0
     if not bool(valid.any()):
         raise FaceganError("expression descriptor: no image has an identity label")
-    inside = mask.flatten()
-    flat = torch.cat([to_network(images[s:s + chunk], mask).permute(0, 2, 3, 1).flatten(1, 2)[:, inside].flatten(1)
-                      for s in range(0, len(images), chunk)]).double()  # (N, 3 * pixels inside)
+    flat = chart_vectors(images, mask, chunk)
     n_id, n_exp = int(identity.max()) + 1, int(expression.max()) + 1
     both = valid & (expression >= 0)
     x, i, e = flat[both], identity[both], expression[both]
@@ -158,3 +164,63 @@ def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: tor
     targets = torch.zeros(len(images), k, dtype=torch.float32)
     targets[valid] = (u * (len(residual) - 1) ** 0.5).float()  # scores u * s have std s / sqrt(n - 1)
     return targets, valid
+
+
+@dataclass
+class LinearDescriptor:
+    """A fixed linear expression descriptor (beyond the paper, docs/training.md "Linear descriptor").
+
+    weights: (K, 3, H, W), zero outside the UV chart; bias: (K,); prototypes: (C, K) mean descriptor of each
+    expression class over the real images (zero for a class without images), or None when unused.
+    Calling it on network-space images (B, 3, H, W) gives their descriptors (B, K), differentiably.
+    """
+
+    weights: torch.Tensor
+    bias: torch.Tensor
+    prototypes: torch.Tensor | None = None
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bchw,kchw->bk", images.float(), self.weights) + self.bias
+
+    def to(self, device: torch.device) -> "LinearDescriptor":
+        protos = None if self.prototypes is None else self.prototypes.to(device)
+        return LinearDescriptor(self.weights.to(device), self.bias.to(device), protos)
+
+
+def fit_linear_descriptor(images: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                          expression: torch.Tensor, ridge: float, prototypes: bool, chunk: int = 512
+                          ) -> LinearDescriptor:
+    """Ridge regression from an image alone to its expression descriptor (the targets of
+    :func:`residual_descriptors`), fitted on the images whose identity is labeled.
+
+    The targets subtract the identity's shape, which a generated face does not come with; a linear map
+    that predicts them from the image must cancel the identity directions of the training faces, so two
+    faces with one expression on different training-span identities get (nearly) the same descriptor.
+    Unlike a learned head it does not adapt to G during training; identities outside the training span
+    still move it (measured in docs/training.md, "Why z_exp is weak"). ``ridge`` is relative
+    to the mean squared norm of the centered images. images: (N, H, W, 3) uint8; mask: (H, W) bool;
+    targets: (N, K); valid: (N,) bool; expression: (N,) int64 classes, -1 = unlabeled.
+    """
+    x = chart_vectors(images[valid], mask, chunk)
+    t = targets[valid].double()
+    x_mean, t_mean = x.mean(0), t.mean(0)
+    x -= x_mean
+    lam = ridge * float(x.square().sum(1).mean())
+    n, d = x.shape
+    if n <= d:  # the dual form solves an n x n system: (X X^T + lam I) A = T, W = X^T A
+        w = x.T @ torch.linalg.solve(x @ x.T + lam * torch.eye(n, dtype=x.dtype), t - t_mean)
+    else:
+        w = torch.linalg.solve(x.T @ x + lam * torch.eye(d, dtype=x.dtype), x.T @ (t - t_mean))
+    k = t.shape[1]
+    h, wd = mask.shape
+    image = torch.zeros(h * wd, 3, k, dtype=torch.float64)
+    image[mask.flatten()] = w.view(-1, 3, k)
+    weights = image.view(h, wd, 3, k).permute(3, 2, 0, 1).contiguous().float()  # (K, 3, H, W)
+    bias = (t_mean - x_mean @ w).float()
+    protos = None
+    if prototypes:
+        labeled = valid & (expression >= 0)
+        n_classes = int(expression.max()) + 1
+        sums = torch.zeros(n_classes, k).index_add_(0, expression[labeled], targets[labeled].float())
+        protos = sums / torch.bincount(expression[labeled], minlength=n_classes).clamp_min(1)[:, None]
+    return LinearDescriptor(weights, bias, protos)

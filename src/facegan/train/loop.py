@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from facegan.device import retain_freed_memory
 from facegan.errors import FaceganError
 from facegan.fileio import atomic_path, read_json, write_json
 from facegan.nn.losses import (CodeBatch, FaceGANLoss, LossWeights, VariantSpec, class_weights, plan_batch,
@@ -41,7 +42,8 @@ from facegan.nn.losses import (CodeBatch, FaceGANLoss, LossWeights, VariantSpec,
 from facegan.nn.networks import Discriminator, Generator
 from facegan.train import checkpoint as ckpt
 from facegan.train.config import TrainConfig, config_differences
-from facegan.train.data import TrainingImages, residual_descriptors, to_network, to_uint8
+from facegan.train.data import (EXPRESSION, LinearDescriptor, TrainingImages, fit_linear_descriptor,
+                                residual_descriptors, to_network, to_uint8)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
@@ -80,14 +82,12 @@ class DistEnv:
         return self.rank == 0
 
 
-EXPRESSION = 1  # factor index of the expression, the factor an expression descriptor describes
-
-
 def build_networks(cfg: TrainConfig, spec: VariantSpec, mask: torch.Tensor, n_classes: list[int]) -> tuple[Generator, Discriminator]:
     """G and D for a dataset with ``n_classes`` per factor; D gets a branch per classified factor, and the
-    expression branch a descriptor regression when ``cfg.descriptor_size`` > 0."""
+    expression branch a descriptor regression when ``cfg.descriptor_size`` > 0 with ``descriptor = "head"``."""
     g = Generator(cfg.code_sizes_for(spec.n_factors), cfg.noise_size, mask, cfg.g_channels, cfg.max_channels_mult)
-    descriptors = [cfg.descriptor_size if k == EXPRESSION else 0 for k in spec.classified]
+    head = cfg.descriptor_size if cfg.descriptor == "head" else 0
+    descriptors = [head if k == EXPRESSION else 0 for k in spec.classified]
     d = Discriminator(int(mask.shape[-1]), [n_classes[k] for k in spec.classified], cfg.d_channels,
                       cfg.feature_size, cfg.d_norm, cfg.max_channels_mult, descriptors)
     return g, d
@@ -102,6 +102,15 @@ def check_descriptor(cfg: TrainConfig, spec: VariantSpec, factors: list[str]) ->
         raise FaceganError(f"descriptor_size needs exactly two factors (identity, expression); the data has {factors}")
     if EXPRESSION not in spec.classified:
         raise FaceganError(f"descriptor_size needs an expression classifier; variant {spec.name!r} has none")
+
+
+def linear_descriptor(cfg: TrainConfig, data: TrainingImages) -> LinearDescriptor:
+    """The fixed linear expression descriptor of ``cfg`` (descriptor = "linear") fitted on ``data``; a function
+    of the data and config only, so a resumed run and ``facegan diagnose`` get the same one."""
+    identity, expression = data.labels[data.factors[0]], data.labels[data.factors[EXPRESSION]]
+    targets, valid = residual_descriptors(data.images, data.mask, identity, expression, cfg.descriptor_size)
+    return fit_linear_descriptor(data.images, data.mask, targets, valid, expression, cfg.descriptor_ridge,
+                                 cfg.descriptor_prototypes)
 
 
 def draw_fixed_codes(seed: int, n_classes: list[int], code_sizes: list[int]) -> list[torch.Tensor]:
@@ -164,9 +173,9 @@ class Meter:
                 for i, k in enumerate(keys)}
 
 
-def log_columns(spec: VariantSpec, names: list[str], descriptor: bool = False) -> list[str]:
-    """CSV columns for a variant (with the expression descriptor or not): fixed up front so every row has
-    the same layout."""
+def log_columns(spec: VariantSpec, names: list[str], descriptor: bool = False, prototypes: bool = False) -> list[str]:
+    """CSV columns for a variant (with D's expression-descriptor regression or not, with the prototype loss
+    or not): fixed up front so every row has the same layout."""
     cols = ["iteration", "epoch", "seconds", "img_per_s", "d_loss", "d_wdist", "d_gp"]
     for k in spec.classified:
         cols += [f"d_class_{names[k]}", f"d_acc_{names[k]}"]
@@ -175,6 +184,8 @@ def log_columns(spec: VariantSpec, names: list[str], descriptor: bool = False) -
         if spec.classify_fakes_in_d:
             cols.append(f"d_class_fake_{names[k]}")
     cols += ["g_loss", "g_gan"] + [f"g_class_{names[k]}" for k in spec.classified]
+    if prototypes:
+        cols.append(f"g_proto_{names[EXPRESSION]}")
     if spec.feature_loss:
         cols += [f"g_feat_{names[k]}" for k in spec.classified]
     if spec.tv:
@@ -211,6 +222,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         elif env.world > 1 and "OMP_NUM_THREADS" not in os.environ:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // env.world))
+        if self.device.type == "cpu" and cfg.retain_heap:
+            retain_freed_memory()  # each step's large gradients and bf16 weight copies reuse memory (docs: Speed)
 
         self.fingerprint = data.fingerprint()
         self.ckpt_path = self.run_dir / CHECKPOINT_NAME
@@ -222,11 +235,14 @@ class Trainer:
         self.labels = [data.labels[f].to(self.device) for f in self.factors]
         self.class_choices = [torch.nonzero(torch.bincount(lab[lab >= 0], minlength=n)).flatten()
                               for lab, n in zip(self.labels, self.n_classes)]
-        self.descriptors: tuple[torch.Tensor, torch.Tensor] | None = None
-        if cfg.descriptor_size:
+        self.descriptors: tuple[torch.Tensor, torch.Tensor] | None = None  # D's regression targets (head)
+        linear: tuple[int, LinearDescriptor] | None = None
+        if cfg.descriptor_size and cfg.descriptor == "head":
             targets, valid = residual_descriptors(data.images, data.mask, data.labels[self.factors[0]],
                                                   data.labels[self.factors[EXPRESSION]], cfg.descriptor_size)
             self.descriptors = (targets.to(self.device), valid.to(self.device))
+        elif cfg.descriptor_size:
+            linear = (EXPRESSION, linear_descriptor(cfg, data).to(self.device))
         real_weights = [class_weights(data.labels[self.factors[k]], self.n_classes[k]).to(self.device)
                         for k in self.spec.classified]
 
@@ -255,10 +271,10 @@ class Trainer:
             self.D_sync = torch.nn.parallel.DistributedDataParallel(self.D, device_ids=ids)  # D has no buffers
         self.loss = FaceGANLoss(self.spec, LossWeights(cfg.lambda_c, cfg.lambda_gan, cfg.lambda_class, cfg.lambda_feat,
                                                        cfg.lambda_tv, cfg.gp_weight),
-                                self.factors, real_weights, self.mask, make_autocast(cfg.amp, self.device))
+                                self.factors, real_weights, self.mask, make_autocast(cfg.amp, self.device), linear)
         self.grid_codes = self._grid_codes()
         self.meter = Meter()
-        self.columns = log_columns(self.spec, self.factors, self.descriptors is not None)
+        self.columns = log_columns(self.spec, self.factors, self.descriptors is not None, cfg.descriptor_prototypes)
 
     # ---------------------------------------------------------------------------------------- setup
 
