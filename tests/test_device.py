@@ -7,6 +7,8 @@ import sys
 import torch
 
 from facegan.device import retain_freed_memory
+from facegan.train import loop
+from tests.test_train import synth, tiny_config
 
 
 def test_retained_heap_keeps_tensors_correct_and_can_be_switched_back():
@@ -28,9 +30,6 @@ def test_retained_heap_keeps_tensors_correct_and_can_be_switched_back():
 
 
 def test_training_turns_the_retained_heap_on_unless_told_not_to(monkeypatch, tmp_path):
-    from tests.test_train import synth, tiny_config
-    from facegan.train import loop
-
     calls = []
     monkeypatch.setattr(loop, "retain_freed_memory", lambda enabled=True: calls.append(enabled) or True)
     loop.train(synth(), tiny_config("epochs=1", "max_iters=1"), tmp_path / "on")
