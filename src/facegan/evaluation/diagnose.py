@@ -102,8 +102,7 @@ def load_discriminator(checkpoint: str | os.PathLike, data: TrainingImages
     spec = config.variant_spec(len(data.factors))
     _, discriminator = build_networks(config, spec, data.mask, data.n_classes)
     load_module(discriminator, "D", tensors, str(checkpoint))
-    linear = linear_descriptor(config, data) if config.descriptor_size and config.descriptor == "linear" else None
-    return discriminator.eval(), list(spec.classified), linear
+    return discriminator.eval(), list(spec.classified), linear_descriptor(config, data)
 
 
 def _real_pairs(labels: dict[str, torch.Tensor], n: int, gen: torch.Generator) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

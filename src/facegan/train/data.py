@@ -113,6 +113,13 @@ def chart_vectors(images: torch.Tensor, mask: torch.Tensor, chunk: int = 512) ->
                       for s in range(0, len(images), chunk)]).double()
 
 
+def group_mean(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
+    """(n, D) mean of the rows of ``values`` (M, D) in each of the n groups (``groups``: (M,) int64); 0 for an
+    empty group."""
+    sums = torch.zeros(n, values.shape[1], dtype=values.dtype).index_add_(0, groups, values)
+    return sums / torch.bincount(groups, minlength=n).clamp_min(1).to(values.dtype)[:, None]
+
+
 def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: torch.Tensor, expression: torch.Tensor,
                          n_components: int, chunk: int = 512, sweeps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets of the expression descriptor (beyond the paper, docs/training.md "Expression descriptor").
@@ -133,10 +140,6 @@ def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: tor
     n_id, n_exp = int(identity.max()) + 1, int(expression.max()) + 1
     both = valid & (expression >= 0)
     x, i, e = flat[both], identity[both], expression[both]
-
-    def group_mean(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tensor:
-        sums = torch.zeros(n, values.shape[1], dtype=values.dtype).index_add_(0, groups, values)
-        return sums / torch.bincount(groups, minlength=n).clamp_min(1).to(values.dtype)[:, None]
 
     shape = group_mean(x, i, n_id)
     effect = torch.zeros(max(n_exp, 1), flat.shape[1], dtype=torch.float64)
@@ -220,7 +223,5 @@ def fit_linear_descriptor(images: torch.Tensor, mask: torch.Tensor, targets: tor
     protos = None
     if prototypes:
         labeled = valid & (expression >= 0)
-        n_classes = int(expression.max()) + 1
-        sums = torch.zeros(n_classes, k).index_add_(0, expression[labeled], targets[labeled].float())
-        protos = sums / torch.bincount(expression[labeled], minlength=n_classes).clamp_min(1)[:, None]
+        protos = group_mean(targets[labeled].float(), expression[labeled], int(expression.max()) + 1)
     return LinearDescriptor(weights, bias, protos)

@@ -104,9 +104,12 @@ def check_descriptor(cfg: TrainConfig, spec: VariantSpec, factors: list[str]) ->
         raise FaceganError(f"descriptor_size needs an expression classifier; variant {spec.name!r} has none")
 
 
-def linear_descriptor(cfg: TrainConfig, data: TrainingImages) -> LinearDescriptor:
-    """The fixed linear expression descriptor of ``cfg`` (descriptor = "linear") fitted on ``data``; a function
-    of the data and config only, so a resumed run and ``facegan diagnose`` get the same one."""
+def linear_descriptor(cfg: TrainConfig, data: TrainingImages) -> LinearDescriptor | None:
+    """The fixed linear expression descriptor of ``cfg`` fitted on ``data``, or None when the config uses none
+    (``descriptor_size`` 0 or ``descriptor = "head"``); a function of the data and config only, so a resumed
+    run and ``facegan diagnose`` get the same one."""
+    if not cfg.descriptor_size or cfg.descriptor != "linear":
+        return None
     identity, expression = data.labels[data.factors[0]], data.labels[data.factors[EXPRESSION]]
     targets, valid = residual_descriptors(data.images, data.mask, identity, expression, cfg.descriptor_size)
     return fit_linear_descriptor(data.images, data.mask, targets, valid, expression, cfg.descriptor_ridge,
@@ -236,13 +239,12 @@ class Trainer:
         self.class_choices = [torch.nonzero(torch.bincount(lab[lab >= 0], minlength=n)).flatten()
                               for lab, n in zip(self.labels, self.n_classes)]
         self.descriptors: tuple[torch.Tensor, torch.Tensor] | None = None  # D's regression targets (head)
-        linear: tuple[int, LinearDescriptor] | None = None
         if cfg.descriptor_size and cfg.descriptor == "head":
             targets, valid = residual_descriptors(data.images, data.mask, data.labels[self.factors[0]],
                                                   data.labels[self.factors[EXPRESSION]], cfg.descriptor_size)
             self.descriptors = (targets.to(self.device), valid.to(self.device))
-        elif cfg.descriptor_size:
-            linear = (EXPRESSION, linear_descriptor(cfg, data).to(self.device))
+        fixed = linear_descriptor(cfg, data)
+        linear = None if fixed is None else (EXPRESSION, fixed.to(self.device))
         real_weights = [class_weights(data.labels[self.factors[k]], self.n_classes[k]).to(self.device)
                         for k in self.spec.classified]
 
