@@ -157,6 +157,7 @@ def test_transferring_a_faces_own_expression_gives_its_fit(models, kind, train_m
     model = models[kind]
     targets = train_meshes[:3]
     np.testing.assert_allclose(model.transfer(targets, targets), model.fit(targets), atol=1e-4)
+    np.testing.assert_allclose(model.transfer(targets, targets, detail=True), targets, atol=1e-4)  # no edit
     with pytest.raises(FaceganError, match="3 targets but 2 sources"):
         model.transfer(targets, targets[:2])
     with pytest.raises(FaceganError, match="unknown factor 'age'"):

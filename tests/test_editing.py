@@ -11,8 +11,8 @@ import torch
 
 from facegan.errors import FaceganError
 from facegan.fit import fitting
-from facegan.fit.editing import (add_expression, add_factor, check_codes, edit_meshes, interpolate, replace_factor,
-                                 transfer_expression)
+from facegan.fit.editing import (add_expression, add_factor, check_codes, edit_meshes, interpolate, keep_detail,
+                                 replace_factor, transfer_expression)
 from facegan.fit.fitting import FitOptions
 from facegan.fit.outputs import codes_to_json, edit_files, interpolate_files, load_codes
 from facegan.sampling import codec_of
@@ -159,6 +159,37 @@ def test_edit_files_from_meshes_fits_them_first(model, codes, tmp_path):
     truth = edit_meshes(model, transfer_expression(_row(codes, 1), _row(codes, 0)), "sparse")
     scale = (faces[0] - faces[1]).norm(dim=-1).mean()
     assert (meshes["transfer"] - truth).norm(dim=-1).mean() < 0.1 * scale
+
+
+def test_keep_detail_adds_the_edit_to_the_input_mesh():
+    inputs, fitted, edited = torch.randn(3, 2, 5, 3).unbind(0)
+    torch.testing.assert_close(keep_detail(edited, fitted, inputs), inputs + edited - fitted)
+    torch.testing.assert_close(keep_detail(fitted, fitted, inputs), inputs)  # no edit: the input, detail and all
+
+
+def test_edit_files_keeps_the_target_meshes_detail(model, codes, tmp_path):
+    """With detail, the edit is the change it makes to the fitted target, added to the target mesh: a
+    target edited with its own codes comes back exactly, a bump the model cannot make included."""
+    template = codec_of(model).template
+    faces = edit_meshes(model, codes, "sparse")
+    target = faces[1].clone()
+    target[0] += torch.tensor([0.0, 0.0, 2.0])  # detail beyond the model
+    write_mesh(tmp_path / "src.obj", faces[0].numpy(), template.triangles)
+    write_mesh(tmp_path / "tgt.obj", target.numpy(), template.triangles)
+    read = torch.from_numpy(read_mesh_vertices(tmp_path / "tgt.obj"))
+    out = tmp_path / "edit"
+    same = edit_files(out, model, [tmp_path / "tgt.obj"], [tmp_path / "tgt.obj"], operations=["transfer"],
+                      options=FAST, detail=True)
+    torch.testing.assert_close(same["transfer"][0], read, atol=1e-4, rtol=0)
+    moved = edit_files(tmp_path / "edit2", model, [tmp_path / "src.obj"], [tmp_path / "tgt.obj"],
+                       operations=["transfer", "add"], options=FAST, detail=True)
+    plain = edit_files(tmp_path / "edit3", model, [tmp_path / "src.obj"], [tmp_path / "tgt.obj"],
+                       operations=["transfer"], options=FAST)
+    fitted = edit_meshes(model, fitting.fit_meshes(model, read[None].numpy(), options=FAST).codes)
+    torch.testing.assert_close(moved["transfer"], read + plain["transfer"] - fitted, atol=1e-4, rtol=0)
+    with pytest.raises(FaceganError, match="needs the target meshes"):
+        edit_files(tmp_path / "edit4", model, _codes_file(tmp_path / "c.json", codes), tmp_path / "c.json", detail=True)
+    assert not (tmp_path / "edit4").exists()
 
 
 def test_codes_from_facegan_sample_are_read_with_their_names(model, codes, tmp_path):

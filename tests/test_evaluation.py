@@ -128,7 +128,7 @@ def test_generalization_is_the_mean_vertex_error_of_the_fits(data, ict):
 class Untouched(LinearICT):
     """An 'editor' that returns the target unchanged: the transfer check's do-nothing reading."""
 
-    def transfer(self, targets, sources, factor="expression", seed=0):
+    def transfer(self, targets, sources, factor="expression", seed=0, detail=False):
         return np.asarray(targets, np.float32).copy()
 
 
@@ -138,6 +138,9 @@ def test_transfer_check_reads_a_do_nothing_edit(data, ict):
     assert check["pairs"] == 3 and check["error_mm"] == pytest.approx(check["untouched_mm"])
     assert check["identity_change_mm"] < 1e-6 and check["expression_miss_mm"] == pytest.approx(check["expression_gap_mm"])
     assert check["untouched_mm"] > 0.5  # sources are expressive faces: doing nothing is far from the truth
+    assert check["detail_error_mm"] == pytest.approx(check["untouched_mm"]) and check["detail_identity_change_mm"] < 1e-6
+    row = markdown_tables([{"model": "untouched", "metrics": {"transfer": check}}]).splitlines()[-1]
+    assert row.startswith("| untouched | ") and row.count(f"{check['untouched_mm']:.2f}") == 3
     assert "transfer" not in evaluate(LinearICT(ict.narrow()), data, only)["metrics"]  # no editing, no check
 
 

@@ -252,6 +252,29 @@ def test_expression_descriptor_replaces_the_cosine_feature_loss_of_its_factor():
     assert g_stats["g_feat_identity"][0].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_classifiers_see_the_recombined_faces_and_the_critic_the_real_ones():
+    """With classified_real, D's loss is the same as if the classifiers had been given those images and the
+    critic the real ones: one forward over [classified, real, fake], the critic on the last two thirds."""
+    torch.manual_seed(0)
+    spec = variant_spec("full", 2)
+    d = Discriminator(16, [4, 3], base_channels=4, feature_size=8)
+    loss = FaceGANLoss(spec, LossWeights(), ["identity", "expression"], [torch.ones(4), torch.ones(3)],
+                       torch.ones(16, 16, dtype=torch.bool))
+    real, fake, classified = torch.randn(3, 4, 3, 16, 16)
+    labels = [torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 2, -1, 0])]
+    alpha = torch.rand(4)
+    total, stats = loss.discriminator_loss(d, d, real, labels, fake, [None, None], alpha, classified_real=classified)
+    scores, logits = d.critic(torch.cat([real, fake])), d(classified, critic=False).logits
+    expected = (critic_loss_d(scores[:4], scores[4:]) + 10.0 * gradient_penalty(d.critic, real, fake, alpha)
+                + 0.1 * sum(weighted_nll(lg, lab, w) for lg, lab, w in zip(logits, labels, loss.real_class_weights)))
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert stats["d_class_identity"][0].item() == pytest.approx(weighted_nll(logits[0], labels[0]).item(), rel=1e-5)
+    with pytest.raises(ValueError, match="AC-GAN"):
+        acgan = FaceGANLoss(variant_spec("acgan", 2), LossWeights(), ["identity", "expression"], [torch.ones(4)],
+                            torch.ones(16, 16, dtype=torch.bool))
+        acgan.discriminator_loss(d, d, real, labels, fake, [None, None], alpha, classified_real=classified)
+
+
 def test_prototype_distance_by_hand():
     d = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
     p = torch.tensor([[0.0, 0.0], [1.0, 1.0]])

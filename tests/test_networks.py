@@ -56,6 +56,9 @@ def test_discriminator_outputs_and_branch_selection():
     assert part.logits[1].shape == (2, 3)
     torch.testing.assert_close(part.logits[1], out.logits[1][:2])
     torch.testing.assert_close(d.critic(x), out.critic)
+    split = d(x, n_classify=2, critic_from=2)  # classify the first rows, score the others
+    torch.testing.assert_close(split.critic, out.critic[2:])
+    torch.testing.assert_close(split.logits[0], out.logits[0][:2])
 
 
 def test_discriminator_shares_first_two_blocks_only():

@@ -16,8 +16,8 @@ from facegan.model import FaceModel
 from facegan.train import loop
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
 from facegan.train.config import TrainConfig, apply_overrides, config_differences, make_config
-from facegan.train.data import (TrainingImages, chart_vectors, fit_linear_descriptor, residual_descriptors,
-                                to_network, to_uint8)
+from facegan.train.data import (TrainingImages, chart_vectors, fit_linear_descriptor, identity_shape_images,
+                                recombine_identities, residual_descriptors, to_network, to_uint8)
 from facegan.train.loop import logged_training_seconds, train
 
 
@@ -304,6 +304,86 @@ def test_training_with_a_linear_descriptor_and_prototypes(tmp_path):
         tiny_config("descriptor_size=3", "descriptor_prototypes=true")
     with pytest.raises(FaceganError, match="descriptor=.pca.: expected one of head, linear"):
         tiny_config("descriptor=pca")
+
+
+# ------------------------------------------------------------------------------- recombined faces
+
+
+def test_recombined_face_is_the_expression_on_the_other_identity():
+    """On additive faces x = a[identity] + b[expression], face k recombined with face j's identity is exactly
+    the face of (identity j, expression k), labeled identity j; unlabeled identities are never recombined."""
+    images, identity, labels, truth = additive_faces()
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    shapes = identity_shape_images(images, mask, identity, labels)
+    assert shapes.shape == (5, 3, 16, 16)
+    x = to_network(images, mask)
+    known = identity.clone()
+    known[::7] = -1
+    out, new_identity = recombine_identities(x, known, shapes, 1.0, torch.Generator().manual_seed(0))
+    changed = new_identity != known
+    assert bool(changed.any()) and not bool(changed[known < 0].any())
+    for k in range(len(x)):  # the face of (new identity, same expression), by a loop over the images
+        if known[k] < 0:
+            assert torch.equal(out[k], x[k])
+            continue
+        twin = next(j for j in range(len(x)) if identity[j] == new_identity[k] and truth[j] == truth[k])
+        torch.testing.assert_close(out[k], x[twin], atol=1e-4, rtol=0)
+    none, same = recombine_identities(x, identity, shapes, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(none, x) and torch.equal(same, identity)
+
+
+def test_recombined_fraction_and_chart():
+    """About ``fraction`` of the faces get another identity, and nothing is written outside the chart."""
+    images, identity, labels, _ = additive_faces()
+    mask = torch.zeros(16, 16, dtype=torch.bool)
+    mask[2:14, 3:12] = True
+    shapes = identity_shape_images(images, mask, identity, labels)
+    assert not shapes[:, :, ~mask].any()
+    x = to_network(images, mask).repeat(25, 1, 1, 1)
+    out, new_identity = recombine_identities(x, identity.repeat(25), shapes, 0.5, torch.Generator().manual_seed(0))
+    moved = (new_identity != identity.repeat(25)).float().mean().item()
+    assert 0.3 < moved < 0.5  # 0.5 chosen, of which 1 in 5 draw a partner with the same identity
+    assert not out[:, :, ~mask].any()
+
+
+def test_training_with_recombined_faces(tmp_path):
+    run = tmp_path / "run"
+    train(synth(), tiny_config("epochs=1", "recombine=0.5", "descriptor_size=3"), run)
+    assert (run / "checkpoint.safetensors").exists()
+    train(synth(), tiny_config("epochs=1", "recombine=0.5", "recombine_critic=true"), tmp_path / "critic")
+    assert (tmp_path / "critic" / "checkpoint.safetensors").exists()
+    with pytest.raises(FaceganError, match="recombine_critic needs recombine"):
+        tiny_config("recombine_critic=true")
+
+
+@pytest.mark.parametrize("critic", [False, True])
+def test_recombined_faces_reach_the_classifiers_or_every_branch(tmp_path, monkeypatch, critic):
+    """recombine: the classifiers get recombined faces beside the real batch the critic sees; with
+    recombine_critic the recombined faces are D's real batch for every branch."""
+    seen = []
+    original = loop.FaceGANLoss.discriminator_loss
+
+    def spy(self, d_sync, d_plain, real, real_labels, fake, fake_labels, alpha, descriptors=None, classified=None):
+        seen.append((real.clone(), None if classified is None else classified.clone()))
+        return original(self, d_sync, d_plain, real, real_labels, fake, fake_labels, alpha, descriptors, classified)
+
+    monkeypatch.setattr(loop.FaceGANLoss, "discriminator_loss", spy)
+    data = synth()
+    options = ["epochs=1", "max_iters=1", "recombine=1.0"] + (["recombine_critic=true"] if critic else [])
+    train(data, tiny_config(*options), tmp_path / "run")
+    real, classified = seen[0]
+    raw = to_network(data.images, data.mask)
+    matches_raw = lambda x: bool((x[:, None] - raw[None]).abs().flatten(2).amax(-1).min(1).values.lt(1e-6).all())
+    assert (classified is None) == critic
+    assert matches_raw(real) != critic  # the critic's real faces are dataset images unless recombined
+    if not critic:
+        assert not matches_raw(classified)
+    with pytest.raises(FaceganError, match="recombine needs exactly two factors"):
+        train(synth(n_classes=(4, 3, 2)), tiny_config("epochs=1", "recombine=0.5"), tmp_path / "three")
+    with pytest.raises(FaceganError, match="variant 'acgan' classifies fakes"):
+        train(synth(), tiny_config("epochs=1", "recombine=0.5", "variant=acgan"), tmp_path / "acgan")
+    with pytest.raises(FaceganError, match="recombine=1.5"):
+        tiny_config("recombine=1.5")
 
 
 def _killed_at(iteration: int):

@@ -233,6 +233,8 @@ def edit(
     run: Optional[Path] = typer.Option(None, help="Run folder or model file (default: the shipped model)."),
     factor: Optional[str] = typer.Option(None, help="Factor to edit (transfer/add: expression; interpolate: identity)."),
     steps: int = typer.Option(7, help="Interpolation steps."),
+    keep_detail: bool = typer.Option(False, "--keep-detail", help="transfer/add: apply the edit to the target "
+                                     "meshes themselves, keeping what the fit missed."),
 ) -> None:
     """Edit faces in latent space: expression transfer/add (Fig. 9) or interpolation (Fig. 10)."""
     from facegan.fit import edit_files, interpolate_files
@@ -241,8 +243,10 @@ def edit(
     src = source[0] if len(source) == 1 else list(source)
     tgt = target[0] if len(target) == 1 else list(target)
     if operation in ("transfer", "add"):
-        edit_files(out, load(run), src, tgt, operations=(operation,), factor=factor or "expression")
+        edit_files(out, load(run), src, tgt, operations=(operation,), factor=factor or "expression", detail=keep_detail)
     elif operation == "interpolate":
+        if keep_detail:
+            raise FaceganError("--keep-detail is for transfer and add; an interpolation ends at face b, not a")
         interpolate_files(out, load(run), src, tgt, factor=factor or "identity", steps=steps)
     else:
         raise FaceganError(f"unknown edit operation '{operation}' (use transfer, add or interpolate)")

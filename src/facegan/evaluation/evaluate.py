@@ -288,25 +288,30 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
     target identity wearing the source's expression (untouched_mm: the same for the unedited target, what
     doing nothing scores). The oracle splits it: identity_change_mm (identity geometry of the result vs the
     target's, 0 = identity kept; identity_gap_mm = target vs source, for scale) and expression_miss_mm
-    (expression geometry of the result vs the source's; expression_gap_mm = target vs source)."""
+    (expression geometry of the result vs the source's; expression_gap_mm = target vs source). The
+    ``detail_`` entries measure the same for the edit applied to the target mesh itself (keep_detail)."""
     targets_rows, sources_rows = data.transfer_pairs(config.transfer_pairs, config.seed)
     targets, sources = data.dataset.meshes[targets_rows], data.dataset.meshes[sources_rows]
-    result = generator.transfer(targets, sources, "expression", seed=config.seed)
+    results = {"": generator.transfer(targets, sources, "expression", seed=config.seed),
+               "detail_": generator.transfer(targets, sources, "expression", seed=config.seed, detail=True)}
     truth = data.transfer_truth(targets_rows, sources_rows)
     projector = data.oracle[0]
-    coeffs = {k: projector.project(x) for k, x in (("result", result), ("target", targets), ("source", sources))}
+    coeffs = {k: projector.project(x) for k, x in (("target", targets), ("source", sources))}
 
-    def rms(factor: str, a: str, b: str) -> float:
+    def rms(factor: str, a: dict, b: dict) -> float:
         modes = projector.identity_modes if factor == "identity" else projector.expression_modes
-        diff = ((coeffs[a][factor] - coeffs[b][factor]) @ modes).reshape(len(result), -1, 3)
+        diff = ((a[factor] - b[factor]) @ modes).reshape(len(targets), -1, 3)
         return float(np.sqrt((diff ** 2).sum(-1).mean()))
 
-    return {"pairs": int(len(result)),
-            "error_mm": float(np.linalg.norm(result - truth, axis=-1).mean()),
-            "untouched_mm": float(np.linalg.norm(targets - truth, axis=-1).mean()),
-            "identity_change_mm": rms("identity", "result", "target"), "identity_gap_mm": rms("identity", "source", "target"),
-            "expression_miss_mm": rms("expression", "result", "source"),
-            "expression_gap_mm": rms("expression", "target", "source")}
+    out = {"pairs": int(len(targets)), "untouched_mm": float(np.linalg.norm(targets - truth, axis=-1).mean()),
+           "identity_gap_mm": rms("identity", coeffs["source"], coeffs["target"]),
+           "expression_gap_mm": rms("expression", coeffs["target"], coeffs["source"])}
+    for prefix, result in results.items():
+        projected = projector.project(result)
+        out |= {f"{prefix}error_mm": float(np.linalg.norm(result - truth, axis=-1).mean()),
+                f"{prefix}identity_change_mm": rms("identity", projected, coeffs["target"]),
+                f"{prefix}expression_miss_mm": rms("expression", projected, coeffs["source"])}
+    return out
 
 
 def _specificity(samples: np.ndarray, data: EvaluationData) -> dict:

@@ -94,6 +94,18 @@ def beyond_row(result: dict) -> list[str]:
             _num(_get(result, "distribution", "kid_expression"), 2, 1e3)]
 
 
+TRANSFER_HEADER = ("Transfer", "Untouched", "Identity change", "Expression miss", "Kept detail: transfer",
+                   "Kept detail: identity change")
+
+
+def transfer_row(result: dict) -> list[str]:
+    """The transfer check (mm): the edited face and the unedited target against the truth, the oracle's split,
+    and the same for the edit applied to the target mesh (keep_detail)."""
+    return [_num(_get(result, "transfer", key)) for key in ("error_mm", "untouched_mm", "identity_change_mm",
+                                                            "expression_miss_mm", "detail_error_mm",
+                                                            "detail_identity_change_mm")]
+
+
 def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]) -> str:
     lines = ["| model | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
@@ -101,10 +113,13 @@ def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]) -> 
 
 
 def markdown_tables(results: Sequence[dict]) -> str:
-    """The paper's columns, then the columns beyond the paper, one row per result."""
+    """The paper's columns, then the columns beyond the paper, one row per result, and the transfer check's
+    table when a model was checked."""
     paper = _table(PAPER_HEADER, [(r["model"], paper_row(r)) for r in results])
     beyond = _table(BEYOND_HEADER, [(r["model"], beyond_row(r)) for r in results])
-    return f"{paper}\n\n{beyond}\n"
+    checked = [r for r in results if _get(r, "transfer") is not None]
+    transfer = f"\n{_table(TRANSFER_HEADER, [(r['model'], transfer_row(r)) for r in checked])}\n" if checked else ""
+    return f"{paper}\n\n{beyond}\n{transfer}"
 
 
 def paper_table_markdown() -> str:
@@ -201,7 +216,8 @@ def write_report(out_dir: str | Path, results: Sequence[dict], triangles: np.nda
     lines = [f"# {title or 'Evaluation on ' + str(header.get('data', 'the dataset'))}", "",
              f"Every number is also in {name}.json; the figures are in figures/.", "",
              "Units: Gen., Sp., Div-*, MMD in mm; Dec-* and Mem. in %; oracle columns are within-group variance "
-             "over the training data's (0 = fixed, ~1 = varies as in the data).", "",
+             "over the training data's (0 = fixed, ~1 = varies as in the data); the transfer check in mm "
+             "(docs/evaluation.md).", "",
              markdown_tables(results), extra_markdown]
     path = out / f"{name}.md"
     with atomic_path(path) as tmp:

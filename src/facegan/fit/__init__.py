@@ -12,6 +12,7 @@ from facegan.fit.editing import (
     check_codes,
     edit_meshes,
     interpolate,
+    keep_detail,
     replace_factor,
     transfer_expression,
 )
@@ -51,6 +52,7 @@ __all__ = [
     "interpolate",
     "interpolate_files",
     "join_codes",
+    "keep_detail",
     "load_codes",
     "load_vertex_mask",
     "replace_factor",

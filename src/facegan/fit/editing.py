@@ -11,7 +11,8 @@ G(z_id^t, z_exp^t, z_noise^t) and a source face G(z_id^s, z_exp^s, z_noise^s):
 
 Every function works for any factor name (identity, expression, or an extra factor). Row counts
 broadcast: B target rows against B source rows, or either side with a single row.
-The functions here only combine codes; :func:`edit_meshes` decodes the results to meshes.
+The functions here only combine codes; :func:`edit_meshes` decodes the results to meshes, and
+:func:`keep_detail` applies an edit to a fitted mesh as a displacement (beyond the paper).
 """
 
 from __future__ import annotations
@@ -117,6 +118,17 @@ def interpolate(codes_a: Codes, codes_b: Codes, factor: str = "identity", steps:
     out = {name: code.repeat_interleave(steps, dim=0) for name, code in a.items()}
     out[factor] = mixed.reshape(n * steps, -1)
     return out
+
+
+def keep_detail(edited: torch.Tensor, fitted: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """The edit applied to the fitted mesh itself: ``inputs + (edited - fitted)``, (B, V, 3) mm.
+
+    edited: meshes of the edited codes; fitted: meshes of the unedited fitted codes, decoded the same way;
+    inputs: the meshes that were fitted (all (B, V, 3), or broadcastable). What the model could not fit
+    (``inputs - fitted``: scan detail, an identity beyond the model's reach) stays; the edit adds only the
+    change it makes to the model's face.
+    """
+    return inputs + (edited - fitted)
 
 
 def edit_meshes(model: FaceModel, codes: Codes, method: str = "dense") -> torch.Tensor:

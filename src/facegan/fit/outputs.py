@@ -37,7 +37,8 @@ import torch
 
 from facegan.errors import FaceganError, check_known
 from facegan.fileio import read_json
-from facegan.fit.editing import check_codes, interpolate, replace_factor, add_factor, n_rows, edit_meshes
+from facegan.fit.editing import (add_factor, check_codes, edit_meshes, interpolate, keep_detail, n_rows,
+                                 replace_factor)
 from facegan.fit.fitting import FitOptions, FitResult, fit_meshes
 from facegan.geometry_image.codec import RECONSTRUCTION_METHODS
 from facegan.sampling import codec_of
@@ -166,10 +167,11 @@ def codes_to_json(codes: Mapping[str, torch.Tensor]) -> dict[str, list[list[floa
 
 
 def resolve_codes(spec: PathLike | Sequence[PathLike], model: FaceModel, options: FitOptions | None = None,
-                  what: str = "codes") -> tuple[dict[str, torch.Tensor], list[str], FitResult | None]:
+                  what: str = "codes") -> tuple[dict[str, torch.Tensor], list[str], np.ndarray | None]:
     """Codes given either as one codes file (.json/.npz) or as mesh files fitted here.
 
-    Returns (codes (B rows), row names, the fit or None). All files are checked before fitting."""
+    Returns (codes (B rows), row names, the fitted meshes (B, V, 3) mm or None for a codes file). All files
+    are checked before fitting."""
     paths = [Path(spec)] if isinstance(spec, (str, os.PathLike)) else [Path(p) for p in spec]
     if not paths:
         raise FaceganError(f"{what}: nothing given (a codes .json/.npz or mesh files)")
@@ -182,8 +184,7 @@ def resolve_codes(spec: PathLike | Sequence[PathLike], model: FaceModel, options
     if kinds != {False}:
         raise FaceganError(f"{what}: mix of codes files and meshes; give one codes file or mesh files")
     meshes, names = read_meshes(paths, codec_of(model).template.n_vertices)
-    fit = fit_meshes(model, meshes, options=options)
-    return fit.codes, names, fit
+    return fit_meshes(model, meshes, options=options).codes, names, meshes
 
 
 # ---------------------------------------------------------------------------- writers
@@ -376,28 +377,37 @@ def _pairs(first: Mapping[str, torch.Tensor], second: Mapping[str, torch.Tensor]
 
 def edit_files(out_dir: PathLike, model: FaceModel, source: PathLike | Sequence[PathLike],
                target: PathLike | Sequence[PathLike], *, operations: Sequence[str] = EDIT_OPERATIONS,
-               factor: str = "expression", method: str = "dense", options: FitOptions | None = None
-               ) -> dict[str, torch.Tensor]:
+               factor: str = "expression", method: str = "dense", options: FitOptions | None = None,
+               detail: bool = False) -> dict[str, torch.Tensor]:
     """Expression transfer (replace) and/or addition from sources to targets (Figure 9).
 
     source / target: a codes file (.json/.npz) or mesh files (fitted first); B sources and B targets
     pair row by row, a single one pairs with all of the other side. operations: any of "transfer"
     (G(z_id^t, z_f^s, z_noise^t)) and "add" (z_f^s + z_f^t); factor: the code that is edited (any of
-    the model's factors). Writes the edited meshes, their codes and edits.png (source | target |
-    one column per operation). Returns {operation: edited meshes (B, V, 3) mm}.
+    the model's factors); detail: apply each edit to the target mesh itself, keeping what the fit missed
+    (:func:`~facegan.fit.editing.keep_detail`; the targets must be meshes). Writes the edited meshes, their
+    codes and edits.png (source | target | one column per operation). Returns {operation: edited meshes
+    (B, V, 3) mm}.
     """
     unknown = [op for op in operations if op not in EDIT_OPERATIONS]
     if unknown or not operations:
         raise FaceganError(f"unknown edit {unknown[0] if unknown else '(none)'!r} (use {', '.join(EDIT_OPERATIONS)})")
     check_known([factor], model.factors, "factor")
     check_known([method], RECONSTRUCTION_METHODS, "reconstruction method")
+    target_codes, target_names, target_meshes = resolve_codes(target, model, options, "target")
+    if detail and target_meshes is None:  # a codes file is always a single path
+        codes_file = target if isinstance(target, (str, os.PathLike)) else target[0]
+        raise FaceganError(f"{codes_file}: keeping the detail needs the target meshes, not a codes file")
     source_codes, source_names, _ = resolve_codes(source, model, options, "source")
-    target_codes, target_names, _ = resolve_codes(target, model, options, "target")
     target_codes, source_codes, pair_names = _pairs(target_codes, source_codes, target_names, source_names, "_from_")
     edit = {"transfer": replace_factor, "add": add_factor}
     edited = {op: edit[op](target_codes, source_codes, factor) for op in operations}
     meshes = {op: edit_meshes(model, codes, method) for op, codes in edited.items()}
     shown = {"source": edit_meshes(model, source_codes, method), "target": edit_meshes(model, target_codes, method)}
+    if detail:
+        inputs = torch.from_numpy(target_meshes).expand(len(pair_names), -1, -1)
+        meshes = {op: keep_detail(m, shown["target"], inputs) for op, m in meshes.items()}
+        shown["target"] = inputs
     column_names = {"transfer": "replaced", "add": "added"}
     template = codec_of(model).template
     with staged_output(out_dir) as stage:

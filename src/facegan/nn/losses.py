@@ -348,12 +348,14 @@ class FaceGANLoss:
     def discriminator_loss(self, d_sync: torch.nn.Module, d_plain: Discriminator, real: torch.Tensor,
                            real_labels: list[torch.Tensor], fake: torch.Tensor,
                            fake_labels: list[torch.Tensor | None], alpha: torch.Tensor,
-                           real_descriptors: tuple[torch.Tensor, torch.Tensor] | None = None
-                           ) -> tuple[torch.Tensor, Stats]:
+                           real_descriptors: tuple[torch.Tensor, torch.Tensor] | None = None,
+                           classified_real: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
         """D phase. real, fake: (B, 3, R, R); real_labels[k]: (B,) labels of factor k (-1 = missing);
         fake_labels[k]: labels of the fake codes (used only by AC-GAN); alpha: (B,) GP mixing weights;
         real_descriptors: (targets (B, K), valid (B,) bool) of the real images, for the branches with an
-        expression descriptor (trained like the classifiers: real images only, weight lambda_c).
+        expression descriptor (trained like the classifiers: real images only, weight lambda_c);
+        classified_real: (B, 3, R, R) images the classifiers see instead of ``real`` (recombined faces,
+        labeled by real_labels), while the critic still sees ``real``; not with AC-GAN.
 
         d_sync is the module whose forward registers gradient synchronisation (DDP) and d_plain the bare
         module: real and fake go through d_sync in one forward, the gradient penalty through
@@ -362,8 +364,13 @@ class FaceGANLoss:
         spec, w = self.spec, self.w
         n = real.shape[0]
         n_classify = None if spec.classify_fakes_in_d else n
+        batch, critic_from = [real, fake.detach()], 0
+        if classified_real is not None:  # one forward: [classified, real, fake], the critic on the last 2B
+            if spec.classify_fakes_in_d:
+                raise ValueError("classified_real: AC-GAN classifies real and fake images in one pass")
+            batch, critic_from = [classified_real, *batch], n
         with self.autocast():
-            out = d_sync(torch.cat([real, fake.detach()]), critic=True, n_classify=n_classify)
+            out = d_sync(torch.cat(batch), critic=True, n_classify=n_classify, critic_from=critic_from)
             gp = gradient_penalty(d_plain.critic, real, fake, alpha)
         wgan = critic_loss_d(out.critic[:n], out.critic[n:])
         loss = wgan + w.gp_weight * gp

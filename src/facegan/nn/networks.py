@@ -167,11 +167,11 @@ class Discriminator(nn.Module):
         return self.critic_out(self.critic_convs(self.trunk(x)).flatten(1)).squeeze(1)
 
     def forward(self, x: torch.Tensor, critic: bool = True, branches: list[int] | None = None,
-                n_classify: int | None = None) -> DOutput:
-        """Run the trunk once, then the critic on all samples (if ``critic``) and the classifier
-        ``branches`` (branch indices; None = all) on the first ``n_classify`` samples (None = all).
+                n_classify: int | None = None, critic_from: int = 0) -> DOutput:
+        """Run the trunk once, then the critic (if ``critic``) on the samples from ``critic_from`` on and the
+        classifier ``branches`` (branch indices; None = all) on the first ``n_classify`` samples (None = all).
 
-        x: (B, 3, R, R). Returns a :class:`DOutput` (logits/features have n_classify rows).
+        x: (B, 3, R, R). Returns a :class:`DOutput` (logits/features have n_classify rows, critic B - critic_from).
         """
         h = self.trunk(x)
         wanted = range(len(self.class_heads)) if branches is None else branches
@@ -184,5 +184,5 @@ class Discriminator(nn.Module):
             logits[k], features[k] = head(self.class_convs[k](h_cls))
             if head.descriptor is not None:
                 descriptors[k] = head.descriptor(features[k])
-        score = self.critic_out(self.critic_convs(h).flatten(1)).squeeze(1) if critic else None
+        score = self.critic_out(self.critic_convs(h[critic_from:]).flatten(1)).squeeze(1) if critic else None
         return DOutput(score, logits, features, descriptors)

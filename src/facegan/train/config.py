@@ -77,6 +77,12 @@ class TrainConfig:
     descriptor_ridge: float = 3e-3
     # with the linear descriptor: fakes of a labeled expression code are pulled to their class's mean descriptor
     descriptor_prototypes: bool = False
+    # beyond the paper: this fraction of the real faces D's classifiers see get another face's identity shape
+    # (its expression on that identity; docs/training.md, "Recombined faces"; 0 = off)
+    recombine: float = 0.0
+    # with recombine: the critic's real faces are the recombined ones too (a real distribution in which every
+    # identity wears every expression)
+    recombine_critic: bool = False
     ema_beta: float = 0.999  # per generator step, with a (1+t)/(10+t) warm-up
     # length: stop at whichever comes first (0 = no limit on iterations). The small profile is bounded by
     # its time budget (max_iters), not by epochs, whose length depends on the dataset size
@@ -128,6 +134,10 @@ class TrainConfig:
             raise FaceganError(f"config descriptor_ridge={self.descriptor_ridge}: must be positive")
         if self.descriptor_prototypes and not (self.descriptor_size and self.descriptor == "linear"):
             raise FaceganError("config descriptor_prototypes needs descriptor='linear' and descriptor_size > 0")
+        if not 0.0 <= self.recombine <= 1.0:
+            raise FaceganError(f"config recombine={self.recombine}: must be a fraction in [0, 1]")
+        if self.recombine_critic and not self.recombine:
+            raise FaceganError("config recombine_critic needs recombine > 0")
         if self.max_iters < 0:
             raise FaceganError(f"config max_iters={self.max_iters}: must be >= 0 (0 = no limit)")
         if not 0.0 <= self.ema_beta < 1.0:

@@ -120,14 +120,38 @@ def group_mean(values: torch.Tensor, groups: torch.Tensor, n: int) -> torch.Tens
     return sums / torch.bincount(groups, minlength=n).clamp_min(1).to(values.dtype)[:, None]
 
 
+def identity_shapes(flat: torch.Tensor, identity: torch.Tensor, expression: torch.Tensor,
+                    sweeps: int = 20) -> torch.Tensor:
+    """Each identity's expression-free shape, (n_identities, D), from (N, D) chart vectors ``flat``.
+
+    The shape comes from the additive model x ~ a[identity] + b[expression class] fitted by least squares
+    (backfitting) on the images with both labels, so it does not depend on which expressions an identity
+    happens to show; an identity without any expression label gets the mean of its images minus the mean
+    class effect. identity, expression: (N,) int64 classes, -1 = unlabeled; at least one identity label.
+    """
+    valid = identity >= 0
+    n_id, n_exp = int(identity.max()) + 1, int(expression.max()) + 1
+    both = valid & (expression >= 0)
+    x, i, e = flat[both], identity[both], expression[both]
+
+    shape = group_mean(x, i, n_id)
+    effect = torch.zeros(max(n_exp, 1), flat.shape[1], dtype=flat.dtype)
+    for _ in range(sweeps if len(x) else 0):
+        effect = group_mean(x - shape[i], e, n_exp)
+        shape = group_mean(x - effect[e], i, n_id)
+    seen = torch.bincount(i, minlength=n_id) > 0
+    if not bool(seen.all()):
+        present = torch.bincount(e, minlength=n_exp) > 0
+        mean_effect = effect[present].mean(0) if bool(present.any()) else 0.0  # no image has both labels: 0
+        shape = torch.where(seen[:, None], shape, group_mean(flat[valid], identity[valid], n_id) - mean_effect)
+    return shape
+
+
 def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: torch.Tensor, expression: torch.Tensor,
-                         n_components: int, chunk: int = 512, sweeps: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+                         n_components: int, chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Targets of the expression descriptor (beyond the paper, docs/training.md "Expression descriptor").
 
-    An image minus its identity's expression-free shape leaves the expression. That shape comes from the
-    additive model x ~ a[identity] + b[expression class] fitted by least squares (backfitting) on the
-    images with both labels, so it does not depend on which expressions an identity happens to show;
-    an identity without any expression label gets the mean of its images minus the mean class effect.
+    An image minus its identity's expression-free shape (:func:`identity_shapes`) leaves the expression.
     The leading ``n_components`` principal components of the residuals, scaled to unit variance, are the
     descriptor. images: (N, H, W, 3) uint8; mask: (H, W) bool; identity, expression: (N,) int64 classes,
     -1 = unlabeled. Returns (targets (N, n_components) float32, zero where the identity is unlabeled;
@@ -137,20 +161,7 @@ def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: tor
     if not bool(valid.any()):
         raise FaceganError("expression descriptor: no image has an identity label")
     flat = chart_vectors(images, mask, chunk)
-    n_id, n_exp = int(identity.max()) + 1, int(expression.max()) + 1
-    both = valid & (expression >= 0)
-    x, i, e = flat[both], identity[both], expression[both]
-
-    shape = group_mean(x, i, n_id)
-    effect = torch.zeros(max(n_exp, 1), flat.shape[1], dtype=torch.float64)
-    for _ in range(sweeps if len(x) else 0):
-        effect = group_mean(x - shape[i], e, n_exp)
-        shape = group_mean(x - effect[e], i, n_id)
-    seen = torch.bincount(i, minlength=n_id) > 0
-    if not bool(seen.all()):
-        present = torch.bincount(e, minlength=n_exp) > 0
-        mean_effect = effect[present].mean(0) if bool(present.any()) else 0.0  # no image has both labels: 0
-        shape = torch.where(seen[:, None], shape, group_mean(flat[valid], identity[valid], n_id) - mean_effect)
+    shape = identity_shapes(flat, identity, expression)
 
     residual = flat if bool(valid.all()) else flat[valid]
     groups = identity[valid]
@@ -167,6 +178,44 @@ def residual_descriptors(images: torch.Tensor, mask: torch.Tensor, identity: tor
     targets = torch.zeros(len(images), k, dtype=torch.float32)
     targets[valid] = (u * (len(residual) - 1) ** 0.5).float()  # scores u * s have std s / sqrt(n - 1)
     return targets, valid
+
+
+def chart_images(vectors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N, 3 * pixels inside ``mask``) pixel-major network values -> (N, 3, H, W) float32 images, 0 outside
+    the chart: the inverse of :func:`chart_vectors`."""
+    h, w = mask.shape
+    out = torch.zeros(len(vectors), h * w, 3, dtype=torch.float32)
+    out[:, mask.flatten()] = vectors.view(len(vectors), -1, 3).float()
+    return out.view(-1, h, w, 3).permute(0, 3, 1, 2).contiguous()
+
+
+def identity_shape_images(images: torch.Tensor, mask: torch.Tensor, identity: torch.Tensor,
+                          expression: torch.Tensor) -> torch.Tensor:
+    """(n_identities, 3, H, W) float32 network-space images of each identity's expression-free shape
+    (:func:`identity_shapes`) from uint8 (N, H, W, 3) ``images``; identity, expression: (N,) int64, -1 = unlabeled."""
+    if not bool((identity >= 0).any()):
+        raise FaceganError("recombination: no image has an identity label")
+    return chart_images(identity_shapes(chart_vectors(images, mask), identity, expression), mask)
+
+
+def recombine_identities(images: torch.Tensor, identity: torch.Tensor, shapes: torch.Tensor, fraction: float,
+                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give a random ``fraction`` of the faces the identity of another face of the batch (beyond the paper,
+    docs/training.md "Recombined faces"): face k becomes ``x_k - a[id_k] + a[id_j]`` for a random j, i.e.
+    face k's expression on face j's identity, labeled ``id_j``; other labels (its expression) stay k's.
+
+    images: (B, 3, H, W) network values; identity: (B,) int64, -1 = unlabeled (such faces are never
+    recombined, nor given to others); shapes: (n_identities, 3, H, W) from :func:`identity_shape_images`.
+    Returns (images (B, 3, H, W) clamped to [-1, 1], identity labels (B,)). Draws from ``generator``.
+    """
+    n = len(images)
+    partner = torch.randint(n, (n,), generator=generator, device=images.device)
+    chosen = torch.rand(n, generator=generator, device=images.device) < fraction
+    chosen &= (identity >= 0) & (identity[partner] >= 0)
+    new_identity = torch.where(chosen, identity[partner], identity)
+    own = identity.clamp_min(0)
+    offset = shapes[new_identity.clamp_min(0)] - shapes[own]  # exactly 0 where not chosen
+    return (images + offset).clamp_(-1.0, 1.0), new_identity
 
 
 @dataclass

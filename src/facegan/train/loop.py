@@ -43,7 +43,8 @@ from facegan.nn.networks import Discriminator, Generator
 from facegan.train import checkpoint as ckpt
 from facegan.train.config import TrainConfig, config_differences
 from facegan.train.data import (EXPRESSION, LinearDescriptor, TrainingImages, fit_linear_descriptor,
-                                residual_descriptors, to_network, to_uint8)
+                                identity_shape_images, recombine_identities, residual_descriptors, to_network,
+                                to_uint8)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
@@ -93,15 +94,17 @@ def build_networks(cfg: TrainConfig, spec: VariantSpec, mask: torch.Tensor, n_cl
     return g, d
 
 
-def check_descriptor(cfg: TrainConfig, spec: VariantSpec, factors: list[str]) -> None:
-    """The expression descriptor is the residual from the identity's expression-free shape: it needs exactly
-    the two factors (identity, then expression), the second with a classifier branch."""
-    if not cfg.descriptor_size:
-        return
-    if len(factors) != 2:
-        raise FaceganError(f"descriptor_size needs exactly two factors (identity, expression); the data has {factors}")
-    if EXPRESSION not in spec.classified:
+def check_identity_shapes(cfg: TrainConfig, spec: VariantSpec, factors: list[str]) -> None:
+    """The expression descriptor and the recombined faces use each identity's expression-free shape: they
+    need exactly the two factors (identity, then expression); the descriptor needs an expression classifier
+    branch, and recombination a D that classifies real images only."""
+    used = [key for key in ("descriptor_size", "recombine") if getattr(cfg, key)]
+    if used and len(factors) != 2:
+        raise FaceganError(f"{used[0]} needs exactly two factors (identity, expression); the data has {factors}")
+    if cfg.descriptor_size and EXPRESSION not in spec.classified:
         raise FaceganError(f"descriptor_size needs an expression classifier; variant {spec.name!r} has none")
+    if cfg.recombine and spec.classify_fakes_in_d:
+        raise FaceganError(f"recombine: variant {spec.name!r} classifies fakes in D; use it with the other variants")
 
 
 def linear_descriptor(cfg: TrainConfig, data: TrainingImages) -> LinearDescriptor | None:
@@ -214,7 +217,7 @@ class Trainer:
         self.factors = data.factors
         self.spec = cfg.variant_spec(len(self.factors))
         data.validate(classified=list(self.spec.classified))
-        check_descriptor(cfg, self.spec, self.factors)
+        check_identity_shapes(cfg, self.spec, self.factors)
         self.n_classes = data.n_classes
         self.class_names = data.class_names
         self.codec_tensors, self.codec_meta = codec_state if codec_state is not None else ({}, {})
@@ -243,6 +246,11 @@ class Trainer:
             targets, valid = residual_descriptors(data.images, data.mask, data.labels[self.factors[0]],
                                                   data.labels[self.factors[EXPRESSION]], cfg.descriptor_size)
             self.descriptors = (targets.to(self.device), valid.to(self.device))
+        self.identity_shapes: torch.Tensor | None = None  # recombination's a[identity] (network-space images)
+        if cfg.recombine:
+            shapes = identity_shape_images(data.images, data.mask, data.labels[self.factors[0]],
+                                           data.labels[self.factors[EXPRESSION]])
+            self.identity_shapes = shapes.to(self.device, memory_format=torch.channels_last)
         fixed = linear_descriptor(cfg, data)
         linear = None if fixed is None else (EXPRESSION, fixed.to(self.device))
         real_weights = [class_weights(data.labels[self.factors[k]], self.n_classes[k]).to(self.device)
@@ -366,6 +374,12 @@ class Trainer:
             idx = self._real_batch(perm, position * cfg.d_steps + s)
             real = to_network(self.images[idx], self.mask)
             real_labels = [lab[idx] for lab in self.labels]
+            classified = None
+            if self.identity_shapes is not None:
+                classified, real_labels[0] = recombine_identities(real, real_labels[0], self.identity_shapes,
+                                                                  cfg.recombine, self.sample_gen)
+                if cfg.recombine_critic:  # every branch of D sees the recombined faces as the real ones
+                    real, classified = classified, None
             codes = sample_codes(self.local_batch, d_plan, self.fixed_codes, self.class_choices, cfg.noise_size,
                                  self.sample_gen)
             with torch.no_grad(), self.loss.autocast():
@@ -374,7 +388,7 @@ class Trainer:
             self.opt_D.zero_grad(set_to_none=True)
             real_descriptors = None if self.descriptors is None else (self.descriptors[0][idx], self.descriptors[1][idx])
             loss, stats = self.loss.discriminator_loss(self.D_sync, self.D, real, real_labels, fake, codes.labels, alpha,
-                                                       real_descriptors)
+                                                       real_descriptors, classified)
             loss.backward()
             self.opt_D.step()
             self.meter.add(stats)
