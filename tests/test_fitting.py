@@ -128,8 +128,8 @@ def _poisoned_start(bad_face: int, scale: float):
     """A random_start that ruins face ``bad_face``'s first start (NaN, or far outside the prior)."""
     real = fitting.random_start
 
-    def start(n_latent, seed, face_seeds, attempt):
-        z = real(n_latent, seed, face_seeds, attempt)
+    def start(n_latent, seed, face_seeds, attempt, start=0):
+        z = real(n_latent, seed, face_seeds, attempt, start)
         if attempt == 0:
             z[bad_face] = float("nan") if np.isnan(scale) else z[bad_face] * scale
         return z
@@ -149,7 +149,7 @@ def test_divergent_face_is_restarted(model, generated, monkeypatch, scale):
 
 def test_restarts_are_bounded(model, generated, monkeypatch):
     faces, _, _ = generated
-    monkeypatch.setattr(fitting, "random_start", lambda n, seed, fs, attempt: torch.full((len(fs), n), float("nan")))
+    monkeypatch.setattr(fitting, "random_start", lambda n, seed, fs, attempt, start=0: torch.full((len(fs), n), float("nan")))
     result = fit_meshes(model, faces[:2], options=replace(FAST, iterations=5, max_restarts=2))
     assert result.restarts.tolist() == [2, 2]
 
@@ -203,6 +203,20 @@ def test_batch_fit_equals_one_by_one(model, generated):
             torch.testing.assert_close(alone.codes[name], batch.codes[name][i:i + 1], atol=0.02, rtol=0)
 
 
+def test_several_starts_keep_each_faces_best(model, generated):
+    """starts = K: K random starts per face in one batch, the lowest final loss kept; start 0 is the single-start
+    fit's, so no face ends worse than with one start, and the kept fit is one of the K."""
+    faces, _, _ = generated
+    options = replace(FAST, iterations=30)
+    one = fit_meshes(model, faces, options=options)
+    three = fit_meshes(model, faces, options=replace(options, starts=3))
+    final_one, final_three = one.loss_history[-1], three.loss_history[-1]
+    assert bool((final_three <= final_one * (1 + 1e-3)).all())
+    assert three.codes["identity"].shape == one.codes["identity"].shape and three.loss_history.shape == (30, 4)
+    again = fit_meshes(model, faces, options=replace(options, starts=3))
+    assert all(torch.equal(again.codes[k], three.codes[k]) for k in three.codes)  # deterministic
+
+
 def test_same_seed_same_result(model, generated):
     faces, _, _ = generated
     a = fit_meshes(model, faces[:2], options=replace(FAST, iterations=20))
@@ -240,7 +254,7 @@ def test_bad_input_raises(model, generated, case):
 
 def test_bad_options_raise(model, generated):
     bad = [FitOptions(iterations=0), FitOptions(lr=0), FitOptions(precision="fp16"), FitOptions(max_restarts=-1),
-           FitOptions(threads=0)]
+           FitOptions(threads=0), FitOptions(starts=0)]
     for options in bad:
         with pytest.raises(FaceganError):
             fit_meshes(model, generated[0][:1], options=options)

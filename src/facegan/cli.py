@@ -209,12 +209,13 @@ def fit(
     mask: Optional[Path] = typer.Option(None, help="Vertex mask file (.npy bool or .txt indices): fit only these vertices."),
     iterations: int = typer.Option(150, help="Adam iterations."),
     seed: int = typer.Option(0, help="Random seed of the starting codes."),
+    starts: int = typer.Option(1, help="Random starts per face, the best kept (for fits stuck in a poorer minimum)."),
 ) -> None:
     """Find latent codes for registered faces (Eq. 12); writes fitted meshes, codes and errors in mm."""
     from facegan.fit import FitOptions, fit_files, fit_split
     from facegan.sampling import load
 
-    options = FitOptions(iterations=iterations, seed=seed, dense=True)
+    options = FitOptions(iterations=iterations, seed=seed, dense=True, starts=starts)
     if data is not None:
         result = fit_split(data, split, out, load(run), limit=limit, vertex_mask=mask, options=options)
     elif meshes:
