@@ -128,8 +128,9 @@ def test_generalization_is_the_mean_vertex_error_of_the_fits(data, ict):
 class Untouched(LinearICT):
     """An 'editor' that returns the target unchanged: the transfer check's do-nothing reading."""
 
-    def transfer(self, targets, sources, factor="expression", seed=0, detail=False):
-        return np.asarray(targets, np.float32).copy()
+    def transfer(self, targets, sources, factor="expression", seed=0):
+        unedited = np.asarray(targets, np.float32).copy()
+        return unedited, unedited
 
 
 def test_transfer_check_reads_a_do_nothing_edit(data, ict):

@@ -267,23 +267,17 @@ class BaselineModel:
         x = check_meshes(meshes, self.n_vertices)
         return self._in_chunks(lambda rows: self.decode(self.fit_codes(x[rows])), len(x))
 
-    def transfer(self, targets: np.ndarray, sources: np.ndarray, factor: str = "expression", seed: int = 0,
-                 detail: bool = False) -> np.ndarray:
-        """(P, V, 3) float32 mm: each target (P, V, 3) fitted, with the code of ``factor`` of its fitted source
-        (P, V, 3); with ``detail``, applied to the target mesh itself (:func:`facegan.fit.keep_detail`)."""
-        from facegan.fit import keep_detail
-
+    def transfer(self, targets: np.ndarray, sources: np.ndarray, factor: str = "expression",
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(edited, fitted), (P, V, 3) float32 mm each: each target (P, V, 3) fitted, with the code of
+        ``factor`` of its fitted source (P, V, 3), and each target's own fit (:meth:`fit`)."""
         check_known([factor], self.factors, "factor", "transfer")
         t, s = check_meshes(targets, self.n_vertices), check_meshes(sources, self.n_vertices)
         if len(t) != len(s):
             raise FaceganError(f"transfer: {len(t)} targets but {len(s)} sources")
-
-        def edit(rows: slice) -> Tensor:
-            codes = self.fit_codes(t[rows])
-            edited = self.decode(codes | {factor: self.fit_codes(s[rows])[factor]})
-            return keep_detail(edited, self.decode(codes), t[rows]) if detail else edited
-
-        return self._in_chunks(edit, len(t))
+        edited = self._in_chunks(lambda rows: self.decode(self.fit_codes(t[rows]) | {factor: self.fit_codes(s[rows])[factor]}),
+                                 len(t))
+        return edited, self.fit(targets)
 
     def _in_chunks(self, faces: Callable[[slice], Tensor], total: int) -> np.ndarray:
         """(total, V, 3) float32 from ``faces(rows)`` -> (rows, 3V), without gradients, 1024 rows at a time."""

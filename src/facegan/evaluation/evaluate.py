@@ -289,11 +289,14 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
     doing nothing scores). The oracle splits it: identity_change_mm (identity geometry of the result vs the
     target's, 0 = identity kept; identity_gap_mm = target vs source, for scale) and expression_miss_mm
     (expression geometry of the result vs the source's; expression_gap_mm = target vs source). The
-    ``detail_`` entries measure the same for the edit applied to the target mesh itself (keep_detail)."""
+    ``detail_`` entries measure the same for the edit applied to the target mesh itself (keep_detail), from
+    the same fits."""
+    from facegan.fit import keep_detail
+
     targets_rows, sources_rows = data.transfer_pairs(config.transfer_pairs, config.seed)
     targets, sources = data.dataset.meshes[targets_rows], data.dataset.meshes[sources_rows]
-    results = {"": generator.transfer(targets, sources, "expression", seed=config.seed),
-               "detail_": generator.transfer(targets, sources, "expression", seed=config.seed, detail=True)}
+    edited, fitted = generator.transfer(targets, sources, "expression", seed=config.seed)
+    results = {"": edited, "detail_": keep_detail(edited, fitted, np.asarray(targets, np.float32))}
     truth = data.transfer_truth(targets_rows, sources_rows)
     projector = data.oracle[0]
     coeffs = {k: projector.project(x) for k, x in (("target", targets), ("source", sources))}

@@ -50,8 +50,8 @@ class FaceGenerator(Protocol):
 
 def can_transfer(generator: FaceGenerator) -> bool:
     """Whether the model also edits: ``transfer(targets (P, V, 3), sources (P, V, 3), factor="expression",
-    seed=0, detail=False) -> (P, V, 3)`` mm, each target fitted and given its source's code of ``factor``
-    (with ``detail``: the change this makes to the fitted target, added to the target mesh)."""
+    seed=0) -> (edited, fitted)``, both (P, V, 3) mm: each target fitted and given its source's code of
+    ``factor``, and each target's own fit decoded the same way (what :func:`facegan.fit.keep_detail` needs)."""
     return callable(getattr(generator, "transfer", None))
 
 
@@ -93,20 +93,18 @@ class GanGenerator:
     def fit(self, meshes: np.ndarray, seed: int = 0) -> np.ndarray:
         return self._fit(meshes, seed).vertices.numpy()
 
-    def transfer(self, targets: np.ndarray, sources: np.ndarray, factor: str = "expression", seed: int = 0,
-                 detail: bool = False) -> np.ndarray:
-        """(P, V, 3) mm: each target face with its source's ``factor`` (both fitted first, then the
-        source's code replaces the target's: the supplementary's expression transfer); with ``detail``,
-        applied to the target mesh itself (:func:`facegan.fit.keep_detail`)."""
-        from facegan.fit import edit_meshes, keep_detail, replace_factor
+    def transfer(self, targets: np.ndarray, sources: np.ndarray, factor: str = "expression",
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """(edited, fitted), (P, V, 3) mm each: each target face with its source's ``factor`` (both fitted
+        first, then the source's code replaces the target's: the supplementary's expression transfer), and
+        each target's own fit, both decoded densely."""
+        from facegan.fit import edit_meshes, replace_factor
 
         fitted = self._fit(np.concatenate([targets, sources]), seed).codes
         target = {k: v[:len(targets)] for k, v in fitted.items()}
         source = {k: v[len(targets):] for k, v in fitted.items()}
-        edited = edit_meshes(self.model, replace_factor(target, source, factor))
-        if detail:
-            edited = keep_detail(edited, edit_meshes(self.model, target), torch.from_numpy(np.asarray(targets)))
-        return edited.numpy()
+        return (edit_meshes(self.model, replace_factor(target, source, factor)).numpy(),
+                edit_meshes(self.model, target).numpy())
 
 
 Loader = Callable[[Path, dict], FaceGenerator]
