@@ -58,7 +58,8 @@ def test_feature_floors_of_a_trained_run(tmp_path):
     floors = feature_floors(FaceModel.load(run / "checkpoint.safetensors"), discriminator, branch_factors, data,
                             pairs=16)
     assert set(floors) == {"real: same identity, other expression", "real: same expression, other identity",
-                           "real: random pairs", "generated: shared z_identity", "generated: shared z_expression"}
+                           "real: random pairs", "recombined: one expression, two new identities",
+                           "generated: shared z_identity", "generated: shared z_expression"}
     for row in floors.values():
         assert set(row) == {"identity", "expression"}
         assert all(0.0 <= v <= 2.0 for v in row.values())

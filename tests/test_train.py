@@ -16,8 +16,9 @@ from facegan.model import FaceModel
 from facegan.train import loop
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
 from facegan.train.config import TrainConfig, apply_overrides, config_differences, make_config
-from facegan.train.data import (TrainingImages, chart_vectors, fit_linear_descriptor, identity_shape_images,
-                                recombine_identities, residual_descriptors, to_network, to_uint8)
+from facegan.train.data import (TrainingImages, chart_vectors, fit_linear_descriptor, gaussian_identities,
+                                identity_shape_images, recombine_identities, residual_descriptors, to_network,
+                                to_uint8)
 from facegan.train.loop import logged_training_seconds, train
 
 
@@ -346,6 +347,45 @@ def test_recombined_fraction_and_chart():
     assert not out[:, :, ~mask].any()
 
 
+def test_gaussian_identities_follow_the_linear_model_of_the_shapes():
+    """A new identity is mean + sum_i c_i (a_i - mean), c ~ N(0, I / m): checked against that sum by a loop,
+    and over many draws it has the shapes' mean and (population) covariance."""
+    shapes = torch.randn(6, 3, 4, 4, dtype=torch.float64)
+    drawn = gaussian_identities(shapes, 3, torch.Generator().manual_seed(1))
+    weights = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64) / 6 ** 0.5
+    mean = shapes.mean(0)
+    for n in range(3):
+        expected = mean.clone()
+        for i in range(6):
+            expected += weights[n, i] * (shapes[i] - mean)
+        torch.testing.assert_close(drawn[n], expected)
+    many = gaussian_identities(shapes, 200_000, torch.Generator().manual_seed(2)).flatten(1)
+    flat = shapes.flatten(1)
+    torch.testing.assert_close(many.mean(0), flat.mean(0), atol=0.01, rtol=0)
+    torch.testing.assert_close(many.T.cov(correction=0), flat.T.cov(correction=0), atol=0.02, rtol=0)
+
+
+def test_novel_recombined_faces_keep_the_expression_and_lose_the_identity_label():
+    """recombine_novel: a recombined face wears a new identity of the shapes' linear model, labeled -1,
+    over its own expression residual; without it, the draws (and so the faces) are those of plain recombination."""
+    g = torch.Generator().manual_seed(0)
+    shapes, effects = 0.1 * torch.randn(5, 3, 8, 8, generator=g), 0.1 * torch.randn(4, 3, 8, 8, generator=g)
+    identity, expression = torch.arange(5).repeat_interleave(4), torch.arange(4).repeat(5)
+    x = shapes[identity] + effects[expression]  # small values: nothing is clamped
+    out, new_identity = recombine_identities(x, identity, shapes, 1.0, torch.Generator().manual_seed(0), novel=1.0)
+    assert bool((new_identity == -1).any())
+    basis = (shapes - shapes.mean(0)).flatten(1).T  # (pixels, identities): the span of the linear model
+    for k in torch.nonzero(new_identity == -1).flatten().tolist():
+        worn = out[k] - effects[expression[k]]  # the face minus its own expression
+        offset = (worn - shapes.mean(0)).flatten()
+        coefficients = torch.linalg.lstsq(basis, offset[:, None]).solution
+        torch.testing.assert_close(basis @ coefficients, offset[:, None])
+        assert all(not torch.allclose(worn, a) for a in shapes)  # none of the training identities
+    plain = recombine_identities(x, identity, shapes, 0.5, torch.Generator().manual_seed(3))
+    off = recombine_identities(x, identity, shapes, 0.5, torch.Generator().manual_seed(3), novel=0.0)
+    assert all(torch.equal(a, b) for a, b in zip(plain, off))
+
+
 def test_training_with_recombined_faces(tmp_path):
     run = tmp_path / "run"
     train(synth(), tiny_config("epochs=1", "recombine=0.5", "descriptor_size=3"), run)
@@ -360,6 +400,13 @@ def test_training_with_recombined_faces(tmp_path):
         train(synth(), tiny_config("epochs=1", "recombine=0.5", "variant=acgan"), tmp_path / "acgan")
     with pytest.raises(FaceganError, match="recombine=1.5"):
         tiny_config("recombine=1.5")
+    train(synth(), tiny_config("epochs=1", "recombine=0.5", "recombine_novel=0.5", "descriptor_size=3"),
+          tmp_path / "novel")
+    assert (tmp_path / "novel" / "checkpoint.safetensors").exists()
+    with pytest.raises(FaceganError, match="recombine_novel needs recombine"):
+        tiny_config("recombine_novel=0.5")
+    with pytest.raises(FaceganError, match="recombine_novel=2"):
+        tiny_config("recombine=0.5", "recombine_novel=2")
 
 
 @pytest.mark.parametrize("critic", [False, True])

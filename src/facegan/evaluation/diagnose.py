@@ -11,7 +11,10 @@ Measurements beyond Table 1 (docs/evaluation.md, "Diagnosing decoupling"):
   images that share one factor's label and differ in another's, over random pairs, and over generated
   pairs that share one code. If real faces with the same expression on different identities are already
   as far apart in C_exp's features as random faces, the loss cannot tell a code that changes the
-  identity (allowed) from one that changes the expression (not).
+  identity (allowed) from one that changes the expression (not). With two factors (identity, expression),
+  also pairs that wear one real face's expression on two new identities drawn from the linear model of the
+  training identities' shapes: how the features respond to identities beyond the training ones, which is
+  what G's random identity codes make.
 * **Fixed-code accuracy**: D's classifier of each factor on samples made with that factor's fixed codes
   T^k_c, the other codes random: does G make what the labeled codes ask for?
 """
@@ -33,7 +36,8 @@ from facegan.nn.losses import descriptor_distance, pair_distance
 from facegan.nn.networks import Discriminator, DOutput
 from facegan.train.checkpoint import load_checkpoint, load_module
 from facegan.train.config import TrainConfig
-from facegan.train.data import EXPRESSION, LinearDescriptor, TrainingImages, to_network
+from facegan.train.data import (EXPRESSION, LinearDescriptor, TrainingImages, gaussian_identities, identity_shape_images,
+                                to_network)
 
 __all__ = ["code_effects", "feature_floors", "fixed_code_accuracy", "load_discriminator", "diagnose"]
 
@@ -124,12 +128,28 @@ def _real_pairs(labels: dict[str, torch.Tensor], n: int, gen: torch.Generator) -
     return kinds
 
 
+def _new_identity_pairs(data: TrainingImages, n: int, gen: torch.Generator
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(2n, 3, R, R) images: rows i and n + i wear the expression residual of one real face (its image minus its
+    identity's expression-free shape) on two new identities from :func:`gaussian_identities`; and the pair
+    indices (0..n-1, n..2n-1)."""
+    identity, expression = data.labels[data.factors[0]], data.labels[data.factors[EXPRESSION]]
+    shapes = identity_shape_images(data.images, data.mask, identity, expression)
+    known = torch.nonzero(identity >= 0).flatten()
+    pick = known[torch.randint(len(known), (n,), generator=gen)]
+    residual = to_network(data.images[pick], data.mask) - shapes[identity[pick]]
+    images = torch.cat([residual + gaussian_identities(shapes, n, gen) for _ in range(2)]).clamp_(-1.0, 1.0)
+    index = torch.arange(n)
+    return images.contiguous(), index, index + n
+
+
 def feature_floors(model: FaceModel, discriminator: Discriminator, branch_factors: list[int], data: TrainingImages,
                    pairs: int = 2000, seed: int = 0, linear: LinearDescriptor | None = None) -> dict[str, dict[str, float]]:
     """The feature loss of each classifier branch over real and generated pairs.
 
     Returns pair kind -> {factor of the branch: mean pair distance}. Kinds: the real kinds of
-    :func:`_real_pairs` and "generated: shared z_<factor>" (pairs sharing that code, every other code
+    :func:`_real_pairs`, with two factors "recombined: one expression, two new identities"
+    (:func:`_new_identity_pairs`), and "generated: shared z_<factor>" (pairs sharing that code, every other code
     and the noise drawn per sample). With ``linear`` (a run trained with the fixed linear descriptor) the
     expression column is the distance of those descriptors, the loss that run's G minimized.
     """
@@ -152,6 +172,8 @@ def feature_floors(model: FaceModel, discriminator: Discriminator, branch_factor
         images = to_network(data.images[order], data.mask).contiguous()
         index = torch.arange(len(a))
         table[kind] = distances(images, index, index + len(a))
+    if len(data.factors) == 2:
+        table["recombined: one expression, two new identities"] = distances(*_new_identity_pairs(data, pairs, gen))
     for shared in model.factors:
         images, _ = model.sample(pairs, fix=shared, m=2, seed=seed)  # rows 2i, 2i+1 share the code
         index = torch.arange(0, 2 * pairs, 2)

@@ -198,11 +198,26 @@ def identity_shape_images(images: torch.Tensor, mask: torch.Tensor, identity: to
     return chart_images(identity_shapes(chart_vectors(images, mask), identity, expression), mask)
 
 
+def gaussian_identities(shapes: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` new identity shapes drawn from the Gaussian with the mean and covariance of ``shapes`` (the linear
+    face model of the training identities): ``mean + sum_i c_i (a_i - mean)`` with ``c ~ N(0, I / m)``.
+
+    shapes: (m, 3, H, W) from :func:`identity_shape_images`. Returns (n, 3, H, W), 0 where every shape is 0
+    (outside the chart). Draws from ``generator``.
+    """
+    m = len(shapes)
+    mean = shapes.mean(0)
+    weights = torch.randn(n, m, generator=generator, device=shapes.device, dtype=shapes.dtype) / m ** 0.5
+    return mean + torch.einsum("nm,mchw->nchw", weights, shapes - mean)
+
+
 def recombine_identities(images: torch.Tensor, identity: torch.Tensor, shapes: torch.Tensor, fraction: float,
-                         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: torch.Generator, novel: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Give a random ``fraction`` of the faces the identity of another face of the batch (beyond the paper,
     docs/training.md "Recombined faces"): face k becomes ``x_k - a[id_k] + a[id_j]`` for a random j, i.e.
     face k's expression on face j's identity, labeled ``id_j``; other labels (its expression) stay k's.
+    A random ``novel`` fraction of those faces wear a new identity from :func:`gaussian_identities`
+    instead, with an unknown identity label (-1).
 
     images: (B, 3, H, W) network values; identity: (B,) int64, -1 = unlabeled (such faces are never
     recombined, nor given to others); shapes: (n_identities, 3, H, W) from :func:`identity_shape_images`.
@@ -213,8 +228,12 @@ def recombine_identities(images: torch.Tensor, identity: torch.Tensor, shapes: t
     chosen = torch.rand(n, generator=generator, device=images.device) < fraction
     chosen &= (identity >= 0) & (identity[partner] >= 0)
     new_identity = torch.where(chosen, identity[partner], identity)
-    own = identity.clamp_min(0)
-    offset = shapes[new_identity.clamp_min(0)] - shapes[own]  # exactly 0 where not chosen
+    new_shape = shapes[new_identity.clamp_min(0)]
+    if novel:  # no draw otherwise: runs without it keep their random streams
+        fresh = chosen & (torch.rand(n, generator=generator, device=images.device) < novel)
+        new_shape = torch.where(fresh[:, None, None, None], gaussian_identities(shapes, n, generator), new_shape)
+        new_identity = torch.where(fresh, -1, new_identity)
+    offset = new_shape - shapes[identity.clamp_min(0)]  # exactly 0 where not chosen
     return (images + offset).clamp_(-1.0, 1.0), new_identity
 
 

@@ -377,7 +377,7 @@ class Trainer:
             classified = None
             if self.identity_shapes is not None:
                 classified, real_labels[0] = recombine_identities(real, real_labels[0], self.identity_shapes,
-                                                                  cfg.recombine, self.sample_gen)
+                                                                  cfg.recombine, self.sample_gen, cfg.recombine_novel)
                 if cfg.recombine_critic:  # every branch of D sees the recombined faces as the real ones
                     real, classified = classified, None
             codes = sample_codes(self.local_batch, d_plan, self.fixed_codes, self.class_choices, cfg.noise_size,
