@@ -21,6 +21,11 @@ and the gradient penalty's double backward). Times are the fastest of ``--iters`
 interleaved. The peak is the best of a large matmul and a large convolution, measured in the same run at
 the same precision. Images/s counts the real images D consumes: batch * d_steps per iteration.
 
+A last table bounds what any change outside the convolution kernels can buy: in the default setting, the
+convolutions' own time in an iteration (torch.profiler's self time of the aten convolution ops, fewest of
+``--iters`` profiled iterations) and their FLOPs (the counter's convolution ops) give the share of peak the
+kernels themselves reach; the iteration, which also runs everything else, cannot exceed it.
+
     python benchmarks/bench_train_step.py            # both widths, ~4 minutes on 2 cores
     python benchmarks/bench_train_step.py --widths 32 --iters 5
     python benchmarks/bench_train_step.py --threads 1   # on a shared, oversubscribed machine (see below)
@@ -107,13 +112,27 @@ class _GlobalOnly:
         return False
 
 
-def count_flops(trainer: Trainer) -> int:
+def count_flops(trainer: Trainer) -> tuple[int, int]:
+    """FLOPs of one iteration: (all, convolutions forward and backward)."""
     perm = epoch_permutation(0, 0, len(trainer.images))
     counter = FlopCounterMode(display=False)
     counter.mod_tracker = _GlobalOnly()  # totals only; per-module attribution is not needed
     with counter:
         trainer.train_iteration(perm)
-    return counter.get_total_flops()
+    by_op = counter.get_flop_counts()["Global"]
+    return counter.get_total_flops(), sum(v for op, v in by_op.items() if "convolution" in str(op))
+
+
+def convolution_seconds(trainer: Trainer, rounds: int) -> float:
+    """Fewest seconds the convolution kernels (forward, backward, double backward) take in one iteration,
+    over ``rounds`` profiled iterations: their own time, as the profiler attributes it to the aten ops."""
+    perm = epoch_permutation(0, 0, len(trainer.images))
+    best = float("inf")
+    for _ in range(rounds):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            trainer.train_iteration(perm)
+        best = min(best, sum(e.self_cpu_time_total for e in prof.key_averages() if "convolution" in e.key) / 1e6)
+    return best
 
 
 def measured_peak(dtype: torch.dtype, reps: int = 5) -> float:
@@ -149,12 +168,14 @@ def child(args: argparse.Namespace) -> dict:
         retain_freed_memory()
     modes = [m for m in MODES if MODES[m][3] == retained]
     data = synthetic_data(64 * 3 * (args.iters + 2))
-    result = {"alloc_ms": allocation_ms(), "flops": {}, "seconds": {}}
+    result = {"alloc_ms": allocation_ms(), "flops": {}, "conv_flops": {}, "seconds": {}, "conv_seconds": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for width in args.widths:
             trainers = {mode: make_trainer(data, width, mode, Path(tmp) / f"{width}{mode}") for mode in modes}
-            result["flops"][width] = count_flops(next(iter(trainers.values())))
+            result["flops"][width], result["conv_flops"][width] = count_flops(next(iter(trainers.values())))
             result["seconds"][width] = time_round_robin(trainers, args.iters)
+            if retained:  # the default setting: how fast its convolutions run inside the iteration
+                result["conv_seconds"][width] = convolution_seconds(trainers[modes[-1]], args.iters)
             del trainers
     return result
 
@@ -179,6 +200,8 @@ def main() -> None:
     seconds: dict[str, dict[str, float]] = {}
     alloc: dict[str, float] = {}
     flops: dict[str, int] = {}
+    conv_flops: dict[str, int] = {}
+    conv_seconds: dict[str, float] = {}
     for _ in range(args.repeats):
         for heap in ("default", "retained"):
             command = [sys.executable, __file__, "--heap", heap, "--iters", str(args.iters),
@@ -186,6 +209,9 @@ def main() -> None:
             result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
             alloc[heap] = min(alloc.get(heap, float("inf")), result["alloc_ms"])
             flops.update(result["flops"])
+            conv_flops.update(result["conv_flops"])
+            for width, sec in result["conv_seconds"].items():
+                conv_seconds[width] = min(conv_seconds.get(width, float("inf")), sec)
             for width, by_mode in result["seconds"].items():
                 best = seconds.setdefault(width, {})
                 for mode, sec in by_mode.items():
@@ -201,6 +227,14 @@ def main() -> None:
             peak = peaks["bf16" if MODES[mode][0] == "bf16" else "fp32"]
             print(f"{width:>5} {mode:<20} {sec:>7.3f} {64 * 3 / sec:>6.0f} {flops[width] / 1e9:>9.1f} "
                   f"{achieved / 1e9:>8.1f} {achieved / peak:>8.1%} {base / sec:>7.2f}x")
+    print("\nThe convolutions alone in the default setting's iteration (their own time under the profiler): a ceiling "
+          "on the iteration's share of peak")
+    print(f"{'width':>5} {'conv GFLOP':>10} {'of all':>7} {'conv s':>7} {'GFLOP/s':>8} {'of peak':>8} {'rest s':>7}")
+    for width, sec in conv_seconds.items():
+        rate = conv_flops[width] / sec
+        rest = seconds[width]["+retained heap (opt)"] - sec
+        print(f"{width:>5} {conv_flops[width] / 1e9:>10.1f} {conv_flops[width] / flops[width]:>7.1%} {sec:>7.3f} "
+              f"{rate / 1e9:>8.1f} {rate / peaks['bf16']:>8.1%} {rest:>7.3f}")
 
 
 if __name__ == "__main__":
