@@ -123,16 +123,21 @@ def count_flops(trainer: Trainer) -> tuple[int, int]:
     return counter.get_total_flops(), sum(v for op, v in by_op.items() if "convolution" in str(op))
 
 
-def convolution_seconds(trainer: Trainer, rounds: int) -> float:
+def convolution_seconds(trainer: Trainer, rounds: int) -> tuple[float, list[tuple[str, int, float]]]:
     """Fewest seconds the convolution kernels (forward, backward, double backward) take in one iteration,
-    over ``rounds`` profiled iterations: their own time, as the profiler attributes it to the aten ops."""
+    over ``rounds`` profiled iterations: their own time, as the profiler attributes it to the aten ops; and
+    the five other ops with the most own time in that iteration, as (name, calls, seconds)."""
     perm = epoch_permutation(0, 0, len(trainer.images))
-    best = float("inf")
+    best, rest = float("inf"), []
     for _ in range(rounds):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             trainer.train_iteration(perm)
-        best = min(best, sum(e.self_cpu_time_total for e in prof.key_averages() if "convolution" in e.key) / 1e6)
-    return best
+        events = prof.key_averages()
+        seconds = sum(e.self_cpu_time_total for e in events if "convolution" in e.key) / 1e6
+        if seconds < best:
+            others = sorted((e for e in events if "convolution" not in e.key), key=lambda e: -e.self_cpu_time_total)
+            best, rest = seconds, [(e.key, e.count, e.self_cpu_time_total / 1e6) for e in others[:5]]
+    return best, rest
 
 
 def measured_peak(dtype: torch.dtype, reps: int = 5) -> float:
@@ -168,14 +173,16 @@ def child(args: argparse.Namespace) -> dict:
         retain_freed_memory()
     modes = [m for m in MODES if MODES[m][3] == retained]
     data = synthetic_data(64 * 3 * (args.iters + 2))
-    result = {"alloc_ms": allocation_ms(), "flops": {}, "conv_flops": {}, "seconds": {}, "conv_seconds": {}}
+    result = {"alloc_ms": allocation_ms(), "flops": {}, "conv_flops": {}, "seconds": {}, "conv_seconds": {},
+              "rest_ops": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for width in args.widths:
             trainers = {mode: make_trainer(data, width, mode, Path(tmp) / f"{width}{mode}") for mode in modes}
             result["flops"][width], result["conv_flops"][width] = count_flops(next(iter(trainers.values())))
             result["seconds"][width] = time_round_robin(trainers, args.iters)
             if retained:  # the default setting: how fast its convolutions run inside the iteration
-                result["conv_seconds"][width] = convolution_seconds(trainers[modes[-1]], args.iters)
+                result["conv_seconds"][width], result["rest_ops"][width] = convolution_seconds(trainers[modes[-1]],
+                                                                                                args.iters)
             del trainers
     return result
 
@@ -202,6 +209,7 @@ def main() -> None:
     flops: dict[str, int] = {}
     conv_flops: dict[str, int] = {}
     conv_seconds: dict[str, float] = {}
+    rest_ops: dict[str, list] = {}
     for _ in range(args.repeats):
         for heap in ("default", "retained"):
             command = [sys.executable, __file__, "--heap", heap, "--iters", str(args.iters),
@@ -211,7 +219,8 @@ def main() -> None:
             flops.update(result["flops"])
             conv_flops.update(result["conv_flops"])
             for width, sec in result["conv_seconds"].items():
-                conv_seconds[width] = min(conv_seconds.get(width, float("inf")), sec)
+                if sec < conv_seconds.get(width, float("inf")):
+                    conv_seconds[width], rest_ops[width] = sec, result["rest_ops"][width]
             for width, by_mode in result["seconds"].items():
                 best = seconds.setdefault(width, {})
                 for mode, sec in by_mode.items():
@@ -235,6 +244,9 @@ def main() -> None:
         rest = seconds[width]["+retained heap (opt)"] - sec
         print(f"{width:>5} {conv_flops[width] / 1e9:>10.1f} {conv_flops[width] / flops[width]:>7.1%} {sec:>7.3f} "
               f"{rate / 1e9:>8.1f} {rate / peaks['bf16']:>8.1%} {rest:>7.3f}")
+    for width, ops in rest_ops.items():
+        print(f"widths {width}, the other ops with the most own time (profiled): "
+              + "; ".join(f"{name} x{calls} {sec:.3f} s" for name, calls, sec in ops))
 
 
 if __name__ == "__main__":
