@@ -381,6 +381,12 @@ def test_novel_recombined_faces_keep_the_expression_and_lose_the_identity_label(
         coefficients = torch.linalg.lstsq(basis, offset[:, None]).solution
         torch.testing.assert_close(basis @ coefficients, offset[:, None])
         assert all(not torch.allclose(worn, a) for a in shapes)  # none of the training identities
+    some = shapes[:3]  # e.g. the identities that have images: new identities come from their model only
+    out, new_identity = recombine_identities(x, identity, shapes, 1.0, torch.Generator().manual_seed(0), 1.0, some)
+    basis = (some - some.mean(0)).flatten(1).T
+    for k in torch.nonzero(new_identity == -1).flatten().tolist():
+        offset = (out[k] - effects[expression[k]] - some.mean(0)).flatten()[:, None]
+        torch.testing.assert_close(basis @ torch.linalg.lstsq(basis, offset).solution, offset)
     plain = recombine_identities(x, identity, shapes, 0.5, torch.Generator().manual_seed(3))
     off = recombine_identities(x, identity, shapes, 0.5, torch.Generator().manual_seed(3), novel=0.0)
     assert all(torch.equal(a, b) for a, b in zip(plain, off))

@@ -138,7 +138,8 @@ def _new_identity_pairs(data: TrainingImages, n: int, gen: torch.Generator
     known = torch.nonzero(identity >= 0).flatten()
     pick = known[torch.randint(len(known), (n,), generator=gen)]
     residual = to_network(data.images[pick], data.mask) - shapes[identity[pick]]
-    images = torch.cat([residual + gaussian_identities(shapes, n, gen) for _ in range(2)]).clamp_(-1.0, 1.0)
+    present = shapes[torch.bincount(identity[known], minlength=len(shapes)) > 0]  # identities with images
+    images = torch.cat([residual + gaussian_identities(present, n, gen) for _ in range(2)]).clamp_(-1.0, 1.0)
     index = torch.arange(n)
     return images.contiguous(), index, index + n
 

@@ -212,12 +212,14 @@ def gaussian_identities(shapes: torch.Tensor, n: int, generator: torch.Generator
 
 
 def recombine_identities(images: torch.Tensor, identity: torch.Tensor, shapes: torch.Tensor, fraction: float,
-                         generator: torch.Generator, novel: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                         generator: torch.Generator, novel: float = 0.0, novel_from: torch.Tensor | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """Give a random ``fraction`` of the faces the identity of another face of the batch (beyond the paper,
     docs/training.md "Recombined faces"): face k becomes ``x_k - a[id_k] + a[id_j]`` for a random j, i.e.
     face k's expression on face j's identity, labeled ``id_j``; other labels (its expression) stay k's.
-    A random ``novel`` fraction of those faces wear a new identity from :func:`gaussian_identities`
-    instead, with an unknown identity label (-1).
+    A random ``novel`` fraction of those faces wear a new identity from :func:`gaussian_identities` of
+    ``novel_from`` (default ``shapes``; give the shapes of the identities that have images) instead, with an
+    unknown identity label (-1).
 
     images: (B, 3, H, W) network values; identity: (B,) int64, -1 = unlabeled (such faces are never
     recombined, nor given to others); shapes: (n_identities, 3, H, W) from :func:`identity_shape_images`.
@@ -231,7 +233,8 @@ def recombine_identities(images: torch.Tensor, identity: torch.Tensor, shapes: t
     new_shape = shapes[new_identity.clamp_min(0)]
     if novel:  # no draw otherwise: runs without it keep their random streams
         fresh = chosen & (torch.rand(n, generator=generator, device=images.device) < novel)
-        new_shape = torch.where(fresh[:, None, None, None], gaussian_identities(shapes, n, generator), new_shape)
+        drawn = gaussian_identities(shapes if novel_from is None else novel_from, n, generator)
+        new_shape = torch.where(fresh[:, None, None, None], drawn, new_shape)
         new_identity = torch.where(fresh, -1, new_identity)
     offset = new_shape - shapes[identity.clamp_min(0)]  # exactly 0 where not chosen
     return (images + offset).clamp_(-1.0, 1.0), new_identity

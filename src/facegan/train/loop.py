@@ -251,6 +251,7 @@ class Trainer:
             shapes = identity_shape_images(data.images, data.mask, data.labels[self.factors[0]],
                                            data.labels[self.factors[EXPRESSION]])
             self.identity_shapes = shapes.to(self.device, memory_format=torch.channels_last)
+            self.present_shapes = self.identity_shapes[self.class_choices[0]]  # new identities come from these
         fixed = linear_descriptor(cfg, data)
         linear = None if fixed is None else (EXPRESSION, fixed.to(self.device))
         real_weights = [class_weights(data.labels[self.factors[k]], self.n_classes[k]).to(self.device)
@@ -376,8 +377,9 @@ class Trainer:
             real_labels = [lab[idx] for lab in self.labels]
             classified = None
             if self.identity_shapes is not None:
-                classified, real_labels[0] = recombine_identities(real, real_labels[0], self.identity_shapes,
-                                                                  cfg.recombine, self.sample_gen, cfg.recombine_novel)
+                classified, real_labels[0] = recombine_identities(
+                    real, real_labels[0], self.identity_shapes, cfg.recombine, self.sample_gen, cfg.recombine_novel,
+                    self.present_shapes)
                 if cfg.recombine_critic:  # every branch of D sees the recombined faces as the real ones
                     real, classified = classified, None
             codes = sample_codes(self.local_batch, d_plan, self.fixed_codes, self.class_choices, cfg.noise_size,
