@@ -372,21 +372,18 @@ def test_novel_recombined_faces_keep_the_expression_and_lose_the_identity_label(
     shapes, effects = 0.1 * torch.randn(5, 3, 8, 8, generator=g), 0.1 * torch.randn(4, 3, 8, 8, generator=g)
     identity, expression = torch.arange(5).repeat_interleave(4), torch.arange(4).repeat(5)
     x = shapes[identity] + effects[expression]  # small values: nothing is clamped
-    out, new_identity = recombine_identities(x, identity, shapes, 1.0, torch.Generator().manual_seed(0), novel=1.0)
-    assert bool((new_identity == -1).any())
-    basis = (shapes - shapes.mean(0)).flatten(1).T  # (pixels, identities): the span of the linear model
-    for k in torch.nonzero(new_identity == -1).flatten().tolist():
-        worn = out[k] - effects[expression[k]]  # the face minus its own expression
-        offset = (worn - shapes.mean(0)).flatten()
-        coefficients = torch.linalg.lstsq(basis, offset[:, None]).solution
-        torch.testing.assert_close(basis @ coefficients, offset[:, None])
-        assert all(not torch.allclose(worn, a) for a in shapes)  # none of the training identities
-    some = shapes[:3]  # e.g. the identities that have images: new identities come from their model only
-    out, new_identity = recombine_identities(x, identity, shapes, 1.0, torch.Generator().manual_seed(0), 1.0, some)
-    basis = (some - some.mean(0)).flatten(1).T
-    for k in torch.nonzero(new_identity == -1).flatten().tolist():
-        offset = (out[k] - effects[expression[k]] - some.mean(0)).flatten()[:, None]
-        torch.testing.assert_close(basis @ torch.linalg.lstsq(basis, offset).solution, offset)
+    # by default new identities come from all the shapes; with novel_from (e.g. the identities that have
+    # images) from those shapes' model only
+    for novel_from, model in ((None, shapes), (shapes[:3], shapes[:3])):
+        out, new_identity = recombine_identities(x, identity, shapes, 1.0, torch.Generator().manual_seed(0), 1.0,
+                                                 novel_from)
+        assert bool((new_identity == -1).any())
+        basis = (model - model.mean(0)).flatten(1).T  # (pixels, identities): the span of the linear model
+        for k in torch.nonzero(new_identity == -1).flatten().tolist():
+            worn = out[k] - effects[expression[k]]  # the face minus its own expression
+            offset = (worn - model.mean(0)).flatten()[:, None]
+            torch.testing.assert_close(basis @ torch.linalg.lstsq(basis, offset).solution, offset)
+            assert all(not torch.allclose(worn, a) for a in shapes)  # none of the training identities
     plain = recombine_identities(x, identity, shapes, 0.5, torch.Generator().manual_seed(3))
     off = recombine_identities(x, identity, shapes, 0.5, torch.Generator().manual_seed(3), novel=0.0)
     assert all(torch.equal(a, b) for a, b in zip(plain, off))
