@@ -2,7 +2,7 @@
 
     python benchmarks/bench_fitting.py [--data data/ict-small] [--width 32] [--single 4]
     python benchmarks/bench_fitting.py --run RUN --data DATA [--out generalization.png]
-    python benchmarks/bench_fitting.py --run RUN --limit 32 --sweep 100:0.3,150:0.3,300:0.3
+    python benchmarks/bench_fitting.py --run RUN --limit 32 --sweep 100:0.3,150:0.3,300:0.3:random
 
 Speed: fits the test split's meshes (175 in data/ict-small, the paper's test-set size) in one
 batch with the default FitOptions, and a few of them one by one (same options, same starts), and
@@ -17,9 +17,10 @@ error (mm) on the test split after fitting (paper, Table 1: 0.74 mm), next to th
 round-trip floor of the same meshes (the error of the representation itself), and writes the
 cumulative error curves to --out.
 
-With --sweep ITERATIONS:LR,... it only compares schedules: the mean vertex error and time of a fit
-of the (--limit) test meshes with each, the rest of FitOptions at its defaults (how the defaults
-were chosen, docs/fitting.md).
+With --sweep ITERATIONS:LR[:INIT],... it only compares schedules: the mean vertex error and time of a
+fit of the (--limit) test meshes with each (INIT: FitOptions.init, "zero" or "random"; default the
+default), the rest of FitOptions at its defaults but without restarts (how the defaults were chosen,
+docs/fitting.md).
 """
 
 from __future__ import annotations
@@ -87,13 +88,15 @@ def generalization(model: FaceModel, ds, meshes: np.ndarray, result, out: Path) 
 
 
 def sweep(model, meshes: np.ndarray, schedules: str, threads: int | None) -> None:
-    print("| iterations | lr | mean error (mm) | max per-mesh (mm) | seconds |\n|---|---|---|---|---|")
+    print("| iterations | lr | first start | mean error (mm) | max per-mesh (mm) | seconds |\n|---|---|---|---|---|---|")
     for item in schedules.split(","):
-        iterations, lr = item.split(":")
-        options = FitOptions(iterations=int(iterations), lr=float(lr), max_restarts=0, threads=threads)
+        iterations, lr, *init = item.split(":")
+        options = FitOptions(iterations=int(iterations), lr=float(lr), max_restarts=0, threads=threads,
+                             init=init[0] if init else FitOptions.init)
         result = fit_meshes(model, meshes, options=options)
         e = result.mean_error
-        print(f"| {iterations} | {lr} | {e.mean():.3f} | {e.max():.3f} | {result.seconds:.1f} |", flush=True)
+        print(f"| {iterations} | {lr} | {options.init} | {e.mean():.3f} | {e.max():.3f} | {result.seconds:.1f} |",
+              flush=True)
 
 
 def main() -> None:

@@ -145,6 +145,28 @@ def test_transfer_check_reads_a_do_nothing_edit(data, ict):
     assert "transfer" not in evaluate(LinearICT(ict.narrow()), data, only)["metrics"]  # no editing, no check
 
 
+class UntouchedSharing(Untouched):
+    """The do-nothing editor that also takes each face's person; it records what it was given."""
+
+    def transfer(self, targets, sources, factor="expression", seed=0, people=None):
+        self.people = people
+        return super().transfer(targets, sources, factor, seed)
+
+
+def test_transfer_check_gives_an_editor_that_can_share_each_faces_person(data, ict):
+    only = EvalConfig(**{**SMALL.__dict__, "metrics": ("transfer",), "transfer_pairs": 3})
+    editor = UntouchedSharing(ict.narrow())
+    check = evaluate(editor, data, only)["metrics"]["transfer"]
+    targets, sources = data.transfer_pairs(3, SMALL.seed)
+    person = data.dataset.labels.class_indices("identity")
+    assert [list(p) for p in editor.people] == [list(person[targets]), list(person[sources])]
+    assert check["shared_error_mm"] == pytest.approx(check["untouched_mm"])
+    assert check["shared_detail_error_mm"] == pytest.approx(check["untouched_mm"])
+    row = markdown_tables([{"model": "untouched", "metrics": {"transfer": check}}]).splitlines()[-1]
+    assert row.count(f"{check['untouched_mm']:.2f}") == 5
+    assert "shared_error_mm" not in evaluate(Untouched(ict.narrow()), data, only)["metrics"]["transfer"]
+
+
 def test_transfer_truth_is_the_synthesized_face(data):
     """For a target and source of the same identity, the ground truth is the source mesh itself."""
     rows = data.dataset.split("test")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,6 +28,15 @@ from facegan.mesh.template import Template
 ICT_SMALL = Path(__file__).resolve().parents[1] / "data" / "ict-small"
 # fp32 is faster than bf16 for these tiny convolutions, and makes batch == one-by-one tight
 FAST = FitOptions(iterations=100, precision="fp32", max_restarts=0, threads=1)
+
+
+def eq12(model, faces: torch.Tensor, fit) -> torch.Tensor:
+    """(B,) Eq. 12 (fp32, all vertices) of codes z (B, z_dim), or of a FitResult's codes, for faces (B, V, 3)."""
+    z = fitting.join_codes(model, fit.codes) if isinstance(fit, fitting.FitResult) else fit
+    objective = fitting._Objective(fitting_network(model), VertexReader(codec_of(model)), faces,
+                                   torch.ones(faces.shape[:2]), FitOptions().prior_weight, "fp32")
+    with torch.no_grad():
+        return objective.losses(z)
 
 
 def small_codec(resolution: int = 32, grid: int = 17) -> GeometryImageCodec:
@@ -141,7 +151,7 @@ def _poisoned_start(bad_face: int, scale: float):
 def test_divergent_face_is_restarted(model, generated, monkeypatch, scale):
     faces, _, typical = generated
     monkeypatch.setattr(fitting, "random_start", _poisoned_start(1, scale))
-    result = fit_meshes(model, faces[:3], options=replace(FAST, max_restarts=2))
+    result = fit_meshes(model, faces[:3], options=replace(FAST, max_restarts=2, init="random"))
     assert result.restarts.tolist() == [0, 1, 0]
     assert torch.isfinite(result.vertices).all()
     assert result.mean_error.max() < 0.05 * typical
@@ -150,8 +160,17 @@ def test_divergent_face_is_restarted(model, generated, monkeypatch, scale):
 def test_restarts_are_bounded(model, generated, monkeypatch):
     faces, _, _ = generated
     monkeypatch.setattr(fitting, "random_start", lambda n, seed, fs, attempt, start=0: torch.full((len(fs), n), float("nan")))
-    result = fit_meshes(model, faces[:2], options=replace(FAST, iterations=5, max_restarts=2))
+    result = fit_meshes(model, faces[:2], options=replace(FAST, iterations=5, max_restarts=2, init="random"))
     assert result.restarts.tolist() == [2, 2]
+
+
+def test_first_start_is_the_prior_mode_or_random(model, generated):
+    """init = "zero" starts every face at z = 0; "random" (the paper's) at random_start's codes."""
+    faces, _, _ = generated
+    n_latent = sum(model.code_sizes) + model.noise_size
+    for init, z0 in (("zero", torch.zeros(2, n_latent)), ("random", fitting.random_start(n_latent, 0, [0, 1], 0))):
+        result = fit_meshes(model, faces[:2], options=replace(FAST, iterations=1, init=init))
+        torch.testing.assert_close(result.loss_history[0], eq12(model, faces[:2], z0))
 
 
 def test_flag_divergent_rule():
@@ -210,11 +229,84 @@ def test_several_starts_keep_each_faces_best(model, generated):
     options = replace(FAST, iterations=30)
     one = fit_meshes(model, faces, options=options)
     three = fit_meshes(model, faces, options=replace(options, starts=3))
-    final_one, final_three = one.loss_history[-1], three.loss_history[-1]
+    final_one, final_three = eq12(model, faces, one), eq12(model, faces, three)
     assert bool((final_three <= final_one * (1 + 1e-3)).all())
     assert three.codes["identity"].shape == one.codes["identity"].shape and three.loss_history.shape == (30, 4)
     again = fit_meshes(model, faces, options=replace(options, starts=3))
     assert all(torch.equal(again.codes[k], three.codes[k]) for k in three.codes)  # deterministic
+
+
+def test_group_sum_and_units_equal_their_loops():
+    values, groups = torch.randn(7, 3), torch.tensor([2, 0, 2, 1, 0, 2, 3])
+    expected = torch.stack([values[groups == groups[b]].sum(0) for b in range(7)])
+    torch.testing.assert_close(fitting.group_sum(values, groups), expected)
+    # rows 0-1 share the first code, rows 1-2 the second: one unit of three, two faces alone
+    sharing = fitting.Sharing([slice(0, 1), slice(1, 2)], [torch.tensor([0, 0, 1, 2, 3]), torch.tensor([5, 6, 6, 7, 8])], 5)
+    assert sharing.units.tolist() == [0, 0, 0, 1, 2]
+    assert [c.tolist() for c in sharing.chunks(2)] == [[0, 1, 2], [3, 4]]
+
+
+def test_a_shared_code_is_one_parameter_with_the_summed_gradient(model, generated):
+    """share = {"identity": [0, 0]}: the loss history equals Adam on one identity code for both faces
+    (z_b = (shared, own_b)) with the same schedule, written out."""
+    faces = generated[0][:2]
+    options = replace(FAST, iterations=5, max_restarts=0)
+    result = fit_meshes(model, faces, options=options, share={"identity": [0, 0]})
+    assert torch.equal(result.codes["identity"][0], result.codes["identity"][1])
+    objective = fitting._Objective(fitting_network(model), VertexReader(codec_of(model)), faces,
+                                   torch.ones(faces.shape[:2]), options.prior_weight, "fp32")
+    shared, own = torch.zeros(1, 6, requires_grad=True), torch.zeros(2, 6, requires_grad=True)
+    adam = torch.optim.Adam([shared, own], lr=options.lr)
+    for step in range(options.iterations):
+        decay = 0.5 * (1 + math.cos(math.pi * step / (options.iterations - 1)))
+        adam.param_groups[0]["lr"] = options.lr * (options.final_lr_fraction + (1 - options.final_lr_fraction) * decay)
+        loss = objective.losses(torch.cat([shared.expand(2, -1), own], 1))
+        torch.testing.assert_close(result.loss_history[step], loss.detach(), rtol=1e-5, atol=1e-4)
+        loss.sum().backward()
+        adam.step()
+        adam.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def people(model):
+    """Two people of the model, two expressions each (faces (4, V, 3), their names), and the distance between
+    the two people's first faces (mm)."""
+    _, codes = model.sample(2, fix="identity", m=2, seed=3)
+    faces = decode_codes(model, codes, "sparse")
+    return faces, ["ann", "ann", "bob", "bob"], float((faces[0] - faces[2]).norm(dim=-1).mean())
+
+
+def test_shared_identity_recovers_the_models_own_people(model, people):
+    faces, names, typical = people
+    result = fit_meshes(model, faces, options=FAST, share={"identity": names})
+    identity = result.codes["identity"]
+    assert torch.equal(identity[0], identity[1]) and torch.equal(identity[2], identity[3])
+    assert not torch.equal(identity[0], identity[2])
+    assert result.mean_error.max() < 0.05 * typical
+
+
+def test_shared_fit_equals_fitting_each_person_alone(model, generated):
+    faces, person = generated[0], ["a", "b", "a", "c"]
+    together = fit_meshes(model, faces, options=FAST, share={"identity": person})
+    for rows in ([0, 2], [1], [3]):
+        alone = fit_meshes(model, faces[rows], options=FAST, face_seeds=rows, share={"identity": [person[i] for i in rows]})
+        for name in together.codes:
+            torch.testing.assert_close(alone.codes[name], together.codes[name][rows], atol=0.02, rtol=0)
+
+
+def test_a_flagged_face_restarts_its_whole_unit(model, people, monkeypatch):
+    faces, names, typical = people
+    monkeypatch.setattr(fitting, "random_start", _poisoned_start(1, 1e4))  # ann's second face saturates G
+    result = fit_meshes(model, faces, options=replace(FAST, max_restarts=2, init="random"), share={"identity": names})
+    assert result.restarts.tolist() == [1, 1, 0, 0]
+    assert torch.equal(result.codes["identity"][0], result.codes["identity"][1])
+    assert result.mean_error.max() < 0.05 * typical
+
+
+@pytest.mark.parametrize("share", [{"age": [0, 0]}, {"identity": [0]}], ids=["unknown-factor", "label-count"])
+def test_bad_share_raises(model, generated, share):
+    with pytest.raises(FaceganError):
+        fit_meshes(model, generated[0][:2], options=FAST, share=share)
 
 
 def test_same_seed_same_result(model, generated):
@@ -254,7 +346,7 @@ def test_bad_input_raises(model, generated, case):
 
 def test_bad_options_raise(model, generated):
     bad = [FitOptions(iterations=0), FitOptions(lr=0), FitOptions(precision="fp16"), FitOptions(max_restarts=-1),
-           FitOptions(threads=0), FitOptions(starts=0)]
+           FitOptions(threads=0), FitOptions(starts=0), FitOptions(init="mean")]
     for options in bad:
         with pytest.raises(FaceganError):
             fit_meshes(model, generated[0][:1], options=options)
@@ -293,6 +385,8 @@ def test_fit_files_writes_everything(model, generated, tmp_path):
     torch.testing.assert_close(codes["identity"], result.codes["identity"])
     torch.testing.assert_close(load_codes(out / "codes.npz", model)["noise"], result.codes["noise"])
     assert not list(tmp_path.glob(".out.*"))  # no staging left behind
+    one = fit_files(paths, tmp_path / "one", model, options=FAST, share=("identity",))  # scans of one person
+    assert all(torch.equal(one.codes["identity"][0], row) for row in one.codes["identity"])
 
 
 def test_fit_files_with_a_mask_file(model, generated, tmp_path):
@@ -359,3 +453,15 @@ def test_fit_split_on_the_small_dataset(tmp_path):
     test_ids = [ds.labels["mesh_id"][i] for i in ds.split("test")]
     assert [r["name"] for r in rows] == [test_ids[0].replace("/", "_"), test_ids[-1].replace("/", "_")]
     assert (out / "fits.png").is_file() and len(list((out / "meshes").glob("*.obj"))) == 4
+    # --share identity: the test meshes of one person get one identity code
+    shared = fit_split(ds, "test", tmp_path / "shared", model, limit=4, options=replace(FAST, iterations=3),
+                       share=("identity",))
+    rows = ds.split("test")[np.linspace(0, len(ds.split("test")) - 1, 4).round().astype(int)]
+    people = [ds.labels["identity"][i] for i in rows]
+    for a in range(4):
+        for b in range(4):
+            same = torch.equal(shared.codes["identity"][a], shared.codes["identity"][b])
+            assert same == (people[a] == people[b])
+    with pytest.raises(FaceganError, match="no 'age' labels"):
+        fit_split(ds, "test", tmp_path / "age", model, limit=2, options=FAST, share=("age",))
+    assert not (tmp_path / "age").exists()

@@ -43,6 +43,23 @@ def test_generator_any_number_of_factors():
         g.join([torch.randn(2, 8)], torch.randn(2, 2))
 
 
+def test_additive_generator_adds_the_expression_trunk_before_the_tanh():
+    """additive=1: G(z_id, z_exp, n) = tanh(T(z_id, n) + T_exp(z_exp)), so in logits (atanh, eval mode)
+    changing z_exp moves every identity by the same image."""
+    torch.manual_seed(0)
+    mask = disk_mask(16)
+    g = Generator([6, 4], 2, mask, base_channels=4, additive=1).eval()
+    z_id, z_noise, z_exp = torch.randn(2, 6), torch.randn(2, 2), torch.randn(2, 4)
+    with torch.no_grad():
+        logits = [torch.atanh(g(g.join([z_id, z_exp[[k, k]]], z_noise)))[:, :, mask] for k in range(2)]
+        torch.testing.assert_close(logits[1] - logits[0], (logits[1] - logits[0])[[1, 0]], atol=1e-4, rtol=1e-4)
+        expected = torch.tanh(g.separate_trunk(z_exp[:1]) + super(Generator, g).forward(torch.cat([z_id, z_noise], 1)))
+        torch.testing.assert_close(g(g.join([z_id, z_exp[[0, 0]]], z_noise)), expected * mask)
+    assert g.stem.in_features == 8 and g.separate_trunk.stem.in_features == 4
+    joint = Generator([6, 4], 2, mask, base_channels=4)
+    assert set(joint.state_dict()) < set(g.state_dict())  # the paper's generator keeps its parameter names
+
+
 def test_discriminator_outputs_and_branch_selection():
     torch.manual_seed(0)
     d = Discriminator(32, [5, 3, 4], base_channels=4, feature_size=16)

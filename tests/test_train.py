@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from facegan.errors import FaceganError
+from facegan.fit.fitting import FoldedGenerator, fitting_network
 from facegan.model import FaceModel
 from facegan.train import loop
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
@@ -410,6 +411,18 @@ def test_training_with_recombined_faces(tmp_path):
         tiny_config("recombine_novel=0.5")
     with pytest.raises(FaceganError, match="recombine_novel=2"):
         tiny_config("recombine=0.5", "recombine_novel=2")
+
+
+def test_training_and_fitting_with_an_additive_generator(tmp_path):
+    run = tmp_path / "run"
+    train(synth(), tiny_config("epochs=1", "generator=additive"), run)
+    model = FaceModel.load(run)
+    assert model.generator.additive == 1
+    assert not isinstance(fitting_network(model), FoldedGenerator)  # the folding knows the paper's generator only
+    with pytest.raises(FaceganError, match="generator='additive' needs an expression factor"):
+        train(synth(n_classes=(4,)), tiny_config("epochs=1", "generator=additive"), tmp_path / "one")
+    with pytest.raises(FaceganError, match="generator"):
+        tiny_config("generator=stacked")
 
 
 @pytest.mark.parametrize("critic", [False, True])

@@ -207,19 +207,23 @@ def fit(
     split: str = typer.Option("test", help="The split of --data to fit."),
     limit: Optional[int] = typer.Option(None, help="At most this many meshes of the split."),
     mask: Optional[Path] = typer.Option(None, help="Vertex mask file (.npy bool or .txt indices): fit only these vertices."),
-    iterations: int = typer.Option(150, help="Adam iterations."),
+    iterations: Optional[int] = typer.Option(None, help="Adam iterations (default: 300)."),
     seed: int = typer.Option(0, help="Random seed of the starting codes."),
-    starts: int = typer.Option(1, help="Random starts per face, the best kept (for fits stuck in a poorer minimum)."),
+    init: Optional[str] = typer.Option(None, help="First start: zero (the prior's mode; the default) or random (the paper's)."),
+    starts: int = typer.Option(1, help="Starts per face, the best kept (for fits stuck in a poorer minimum)."),
+    share: List[str] = typer.Option([], help="Factor whose code is shared (repeatable): with --data, by the "
+                                             "meshes with one label; else by all the meshes (scans of one person)."),
 ) -> None:
     """Find latent codes for registered faces (Eq. 12); writes fitted meshes, codes and errors in mm."""
     from facegan.fit import FitOptions, fit_files, fit_split
     from facegan.sampling import load
 
-    options = FitOptions(iterations=iterations, seed=seed, dense=True, starts=starts)
+    given = {key: value for key, value in (("iterations", iterations), ("init", init)) if value is not None}
+    options = FitOptions(seed=seed, dense=True, starts=starts, **given)
     if data is not None:
-        result = fit_split(data, split, out, load(run), limit=limit, vertex_mask=mask, options=options)
+        result = fit_split(data, split, out, load(run), limit=limit, vertex_mask=mask, options=options, share=share)
     elif meshes:
-        result = fit_files(meshes, out, load(run), vertex_mask=mask, options=options)
+        result = fit_files(meshes, out, load(run), vertex_mask=mask, options=options, share=share)
     else:
         raise FaceganError("give mesh files to fit, or --data DATA [--split test]")
     typer.echo(f"fitted {len(result.mean_error)} meshes: mean error {float(result.mean_error.mean()):.3f} mm; wrote {out}")

@@ -70,8 +70,7 @@ class FaceModel:
             config = TrainConfig.from_dict(meta["config"], source=str(path))
             factors = list(meta["factors"])
             mask = tensors["G_ema.mask"][0, 0] > 0.5
-            generator = Generator(meta["code_sizes"], meta["noise_size"], mask, config.g_channels,
-                                  config.max_channels_mult)
+            generator = config.build_generator(meta["code_sizes"], mask)
             fixed = {f: tensors[f"fixed_codes.{f}"] for f in factors}
         except KeyError as exc:
             raise FaceganError(f"{path}: checkpoint lacks {exc}") from None

@@ -31,7 +31,7 @@ import numpy as np
 
 from facegan.data.dataset import RegisteredDataset
 from facegan.errors import FaceganError, check_known
-from facegan.evaluation.generators import FACTORS, FaceGenerator, can_transfer
+from facegan.evaluation.generators import FACTORS, FaceGenerator, can_share_identity, can_transfer
 from facegan.metrics.decoupling import decoupling_score
 from facegan.metrics.distances import NearestMeshIndex
 from facegan.metrics.distribution import distribution_metrics, kernel_inception_distance
@@ -290,13 +290,19 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
     target's, 0 = identity kept; identity_gap_mm = target vs source, for scale) and expression_miss_mm
     (expression geometry of the result vs the source's; expression_gap_mm = target vs source). The
     ``detail_`` entries measure the same for the edit applied to the target mesh itself (keep_detail), from
-    the same fits."""
+    the same fits; the ``shared_`` and ``shared_detail_`` entries the same again with the faces of each
+    person fitted with one identity code, for models that can (:func:`can_share_identity`)."""
     from facegan.fit import keep_detail
 
     targets_rows, sources_rows = data.transfer_pairs(config.transfer_pairs, config.seed)
     targets, sources = data.dataset.meshes[targets_rows], data.dataset.meshes[sources_rows]
     edited, fitted = generator.transfer(targets, sources, "expression", seed=config.seed)
     results = {"": edited, "detail_": keep_detail(edited, fitted, np.asarray(targets, np.float32))}
+    if can_share_identity(generator):
+        person = data.dataset.labels.class_indices("identity")
+        edited, fitted = generator.transfer(targets, sources, "expression", seed=config.seed,
+                                            people=(person[targets_rows], person[sources_rows]))
+        results |= {"shared_": edited, "shared_detail_": keep_detail(edited, fitted, np.asarray(targets, np.float32))}
     truth = data.transfer_truth(targets_rows, sources_rows)
     projector = data.oracle[0]
     coeffs = {k: projector.project(x) for k, x in (("target", targets), ("source", sources))}

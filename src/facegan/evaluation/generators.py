@@ -12,6 +12,7 @@ of the metadata says which loader reads one (:func:`load_generator`).
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 from typing import Callable, Protocol, Sequence, runtime_checkable
@@ -21,7 +22,7 @@ import torch
 
 from facegan.errors import FaceganError, lookup
 
-__all__ = ["FaceGenerator", "GanGenerator", "can_transfer", "register_loader", "load_generator", "generator_kind"]
+__all__ = ["FaceGenerator", "GanGenerator", "can_transfer", "can_share_identity", "register_loader", "load_generator", "generator_kind"]
 
 FACTORS = ("identity", "expression")
 
@@ -55,6 +56,12 @@ def can_transfer(generator: FaceGenerator) -> bool:
     return callable(getattr(generator, "transfer", None))
 
 
+def can_share_identity(generator: FaceGenerator) -> bool:
+    """Whether the model's transfer also takes ``people=(target labels (P,), source labels (P,))``: the
+    faces of one person are then fitted with one identity code (``fit_meshes``' ``share``)."""
+    return can_transfer(generator) and "people" in inspect.signature(generator.transfer).parameters
+
+
 class GanGenerator:
     """A trained GAN (:class:`facegan.model.FaceModel`) as a :class:`FaceGenerator`.
 
@@ -82,25 +89,27 @@ class GanGenerator:
             return np.concatenate([images_to_meshes(self.codec, images[s:s + self.chunk]).cpu().numpy()
                                    for s in range(0, len(images), self.chunk)]).astype(np.float32)
 
-    def _fit(self, meshes: np.ndarray, seed: int):
+    def _fit(self, meshes: np.ndarray, seed: int, share: dict | None = None):
         from dataclasses import replace
 
         from facegan.fit import FitOptions, fit_meshes
 
         options = replace(self.fit_options or FitOptions(), seed=seed)
-        return fit_meshes(self.model, np.asarray(meshes, np.float32), options=options)
+        return fit_meshes(self.model, np.asarray(meshes, np.float32), options=options, share=share)
 
     def fit(self, meshes: np.ndarray, seed: int = 0) -> np.ndarray:
         return self._fit(meshes, seed).vertices.numpy()
 
     def transfer(self, targets: np.ndarray, sources: np.ndarray, factor: str = "expression",
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                 seed: int = 0, people: tuple[Sequence, Sequence] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(edited, fitted), (P, V, 3) mm each: each target face with its source's ``factor`` (both fitted
         first, then the source's code replaces the target's: the supplementary's expression transfer), and
-        each target's own fit, both decoded densely."""
+        each target's own fit, both decoded densely. people: the person of each target and of each source;
+        the faces of one person, targets and sources, are then fitted with one identity code."""
         from facegan.fit import edit_meshes, replace_factor
 
-        fitted = self._fit(np.concatenate([targets, sources]), seed).codes
+        share = None if people is None else {"identity": np.concatenate([np.asarray(p) for p in people])}
+        fitted = self._fit(np.concatenate([targets, sources]), seed, share).codes
         target = {k: v[:len(targets)] for k, v in fitted.items()}
         source = {k: v[len(targets):] for k, v in fitted.items()}
         return (edit_meshes(self.model, replace_factor(target, source, factor)).numpy(),

@@ -95,15 +95,18 @@ def beyond_row(result: dict) -> list[str]:
 
 
 TRANSFER_HEADER = ("Transfer", "Untouched", "Identity change", "Expression miss", "Kept detail: transfer",
-                   "Kept detail: identity change")
+                   "Kept detail: identity change", "Identity shared: transfer", "Identity shared: expression miss",
+                   "Identity shared, kept detail: transfer")
 
 
 def transfer_row(result: dict) -> list[str]:
     """The transfer check (mm): the edited face and the unedited target against the truth, the oracle's split,
-    and the same for the edit applied to the target mesh (keep_detail)."""
+    the same for the edit applied to the target mesh (keep_detail), and with each person's faces fitted with
+    one identity code (models that can)."""
     return [_num(_get(result, "transfer", key)) for key in ("error_mm", "untouched_mm", "identity_change_mm",
                                                             "expression_miss_mm", "detail_error_mm",
-                                                            "detail_identity_change_mm")]
+                                                            "detail_identity_change_mm", "shared_error_mm",
+                                                            "shared_expression_miss_mm", "shared_detail_error_mm")]
 
 
 def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]) -> str:

@@ -297,6 +297,15 @@ def _write_fit(stage: Path, names: Sequence[str], inputs: torch.Tensor, result: 
 # ------------------------------------------------------------------------------ fitting
 
 
+def shared_labels(dataset, factor: str, index: np.ndarray) -> list[str]:
+    """The ``factor`` labels of the dataset's meshes ``index``, as groups for ``fit_meshes(share=...)``: a
+    missing label becomes the mesh's own group."""
+    if factor not in dataset.labels.columns:
+        raise FaceganError(f"{dataset.root}: no {factor!r} labels to share")
+    column = dataset.labels[factor]
+    return [column[i] or f"\0mesh {i}" for i in index]
+
+
 def _file_names(mesh_ids: Sequence[str]) -> list[str]:
     """File-safe names of mesh ids ("motion/id060/happiness/000" -> "motion_id060_happiness_000")."""
     names = ["".join(c if c.isalnum() or c in "-." else "_" for c in m).strip(".") or "mesh" for m in mesh_ids]
@@ -312,17 +321,20 @@ def _file_options(options: FitOptions | None) -> FitOptions:
 
 def fit_files(mesh_paths: Sequence[PathLike], out_dir: PathLike, model: FaceModel, *,
               vertex_mask: np.ndarray | torch.Tensor | PathLike | None = None, options: FitOptions | None = None,
-              grid_limit: int = GRID_LIMIT, heat_max_mm: float | None = None) -> FitResult:
+              share: Sequence[str] = (), grid_limit: int = GRID_LIMIT, heat_max_mm: float | None = None) -> FitResult:
     """Fit registered OBJ/PLY meshes and write the fit outputs (see the module doc) into ``out_dir``.
 
     vertex_mask: None, a (V,) / (B, V) bool array, or a mask file (see :func:`load_vertex_mask`);
-    options: FitOptions (default: defaults with dense decoding). Returns the FitResult (mesh i = path i).
+    options: FitOptions (default: defaults with dense decoding); share: factors whose code all the meshes
+    share (e.g. ("identity",) for several scans of one person; ``fit_meshes``' ``share``). Returns the
+    FitResult (mesh i = path i).
     """
     n_vertices = codec_of(model).template.n_vertices
     meshes, names = read_meshes(mesh_paths, n_vertices)
     if isinstance(vertex_mask, (str, os.PathLike)):
         vertex_mask = load_vertex_mask(vertex_mask, n_vertices)
-    result = fit_meshes(model, meshes, vertex_mask, _file_options(options))
+    result = fit_meshes(model, meshes, vertex_mask, _file_options(options),
+                        share={factor: [0] * len(meshes) for factor in share})
     with staged_output(out_dir) as stage:
         _write_fit(stage, names, torch.as_tensor(meshes, dtype=torch.float32), result, model, grid_limit, heat_max_mm)
     return result
@@ -330,10 +342,12 @@ def fit_files(mesh_paths: Sequence[PathLike], out_dir: PathLike, model: FaceMode
 
 def fit_split(dataset, split: str, out_dir: PathLike, model: FaceModel, *, limit: int | None = None,
               vertex_mask: np.ndarray | torch.Tensor | PathLike | None = None, options: FitOptions | None = None,
-              grid_limit: int = GRID_LIMIT, heat_max_mm: float | None = None) -> FitResult:
+              share: Sequence[str] = (), grid_limit: int = GRID_LIMIT, heat_max_mm: float | None = None) -> FitResult:
     """Fit the meshes of a dataset split ("train" / "test") and write the fit outputs into ``out_dir``.
 
-    dataset: a RegisteredDataset or its folder; limit: at most this many meshes, evenly spread.
+    dataset: a RegisteredDataset or its folder; limit: at most this many meshes, evenly spread; share:
+    factors whose code the meshes with the same label share (``fit_meshes``' ``share``; a mesh without
+    that label keeps its own code).
     Meshes are named by their ``mesh_id``. The paper's generalization number is the mean of
     ``mean_error`` over the test split (0.74 mm, Table 1).
     """
@@ -352,7 +366,8 @@ def fit_split(dataset, split: str, out_dir: PathLike, model: FaceModel, *, limit
     names = _file_names([str(ds.labels["mesh_id"][i]) for i in index])
     if isinstance(vertex_mask, (str, os.PathLike)):
         vertex_mask = load_vertex_mask(vertex_mask, n_vertices)
-    result = fit_meshes(model, meshes, vertex_mask, _file_options(options), face_seeds=[int(i) for i in index])
+    result = fit_meshes(model, meshes, vertex_mask, _file_options(options), face_seeds=[int(i) for i in index],
+                        share={factor: shared_labels(ds, factor, index) for factor in share})
     with staged_output(out_dir) as stage:
         _write_fit(stage, names, torch.from_numpy(meshes), result, model, grid_limit, heat_max_mm)
     return result

@@ -37,46 +37,71 @@ def dcgan_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-class Generator(nn.Module):
-    """G(z): latent codes -> normalized geometry images.
+class Trunk(nn.Module):
+    """A DC-GAN generator trunk: linear to 4x4 x widths[0], then (ConvTranspose 4x4 stride 2, BatchNorm, ReLU)
+    blocks through ``widths``, and a last ConvTranspose to 3 channels: (B, in_features) -> (B, 3, R, R) logits."""
 
-    code_sizes: size of each factor's code, in factor order (e.g. [65, 15] for identity, expression);
-    noise_size: size of the unstructured noise (5 in the paper);
-    mask: (R, R) bool UV-chart mask; the output is forced to 0 outside it.
-    Architecture: linear to 4x4 x C, then (ConvTranspose 4x4 stride 2, BatchNorm, ReLU) blocks halving
-    the channels and doubling the size, a last ConvTranspose to 3 channels and tanh. ``base_channels`` is
-    the width of the last hidden block; widths double towards 4x4, capped at ``max_mult * base``.
-    BatchNorm is fine here: the gradient penalty only differentiates the discriminator.
-    """
-
-    def __init__(self, code_sizes: list[int], noise_size: int, mask: torch.Tensor, base_channels: int = 64,
-                 max_mult: int = 8):
+    def __init__(self, in_features: int, widths: list[int]):
         super().__init__()
-        resolution = int(mask.shape[-1])
-        n_up = _n_resamplings(resolution)
-        self.code_sizes = list(code_sizes)
-        self.noise_size = noise_size
-        self.resolution = resolution
-        self.z_dim = sum(code_sizes) + noise_size
-        widths = [base_channels * min(2 ** (n_up - 1 - i), max_mult) for i in range(n_up)]  # at 4x4, 8x8, ...
-        self.stem = nn.Linear(self.z_dim, widths[0] * 16, bias=False)
+        self.widths = widths
+        self.stem = nn.Linear(in_features, widths[0] * 16, bias=False)
         self.stem_norm = nn.BatchNorm2d(widths[0])
         blocks = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             blocks += [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
         self.blocks = nn.Sequential(*blocks)
         self.to_rgb = nn.ConvTranspose2d(widths[-1], 3, 4, 2, 1)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.stem(z).view(z.shape[0], self.widths[0], 4, 4)
+        x = torch.relu(self.stem_norm(x))
+        x = self.blocks(x)  # follows the weights' memory format (channels_last after .to(memory_format=...))
+        return self.to_rgb(x)
+
+
+class Generator(Trunk):
+    """G(z): latent codes -> normalized geometry images.
+
+    code_sizes: size of each factor's code, in factor order (e.g. [65, 15] for identity, expression);
+    noise_size: size of the unstructured noise (5 in the paper);
+    mask: (R, R) bool UV-chart mask; the output is forced to 0 outside it.
+    Architecture: a :class:`Trunk` whose ``base_channels`` is the width of the last hidden block (widths
+    double towards 4x4, capped at ``max_mult * base``), then tanh.
+    additive: None (the paper), or the index of a factor whose code gets a trunk of its own, seeing only that
+    code, whose logits are added to the main trunk's (which sees every other code and the noise) before the
+    tanh: G(z) = tanh(T(z without code k) + T_k(code k)) (beyond the paper, docs/training.md "Additive
+    generator").
+    BatchNorm is fine here: the gradient penalty only differentiates the discriminator.
+    """
+
+    def __init__(self, code_sizes: list[int], noise_size: int, mask: torch.Tensor, base_channels: int = 64,
+                 max_mult: int = 8, additive: int | None = None):
+        resolution = int(mask.shape[-1])
+        n_up = _n_resamplings(resolution)
+        widths = [base_channels * min(2 ** (n_up - 1 - i), max_mult) for i in range(n_up)]  # at 4x4, 8x8, ...
+        z_dim = sum(code_sizes) + noise_size
+        separate = 0 if additive is None else code_sizes[additive]
+        super().__init__(z_dim - separate, widths)
+        self.code_sizes = list(code_sizes)
+        self.noise_size = noise_size
+        self.resolution = resolution
+        self.z_dim = z_dim
+        self.additive = additive
+        if additive is not None:
+            begin = sum(code_sizes[:additive])
+            self.separate = (begin, begin + separate)  # z columns of the separate code
+            self.separate_trunk = Trunk(separate, widths)
         self.register_buffer("mask", mask.detach().to(torch.float32).reshape(1, 1, resolution, resolution).clone())
-        self.widths = widths
         dcgan_init(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, z_dim) -> (B, 3, R, R) in [-1, 1], exactly 0 outside the chart."""
-        x = self.stem(z).view(z.shape[0], self.widths[0], 4, 4)
-        x = torch.relu(self.stem_norm(x))
-        x = self.blocks(x)  # follows the weights' memory format (channels_last after .to(memory_format=...))
-        x = torch.tanh(self.to_rgb(x))
-        return x * self.mask.to(x.dtype)
+        if self.additive is None:
+            x = super().forward(z)
+        else:
+            begin, end = self.separate
+            x = super().forward(torch.cat([z[:, :begin], z[:, end:]], 1)) + self.separate_trunk(z[:, begin:end])
+        return torch.tanh(x) * self.mask.to(x.dtype)
 
     def join(self, codes: list[torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
         """Concatenate per-factor codes (B, size_k) and noise (B, noise_size) into z (B, z_dim)."""

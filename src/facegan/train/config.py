@@ -21,6 +21,7 @@ PROFILES = ("small", "paper")
 AMP_MODES = ("none", "bf16")
 D_NORMS = ("layer", "instance", "none")
 DESCRIPTORS = ("head", "linear")
+GENERATORS = ("joint", "additive")
 
 # Keys that may differ between a run and its resumption: they change neither the models nor the
 # order of random draws, only how long the run lasts, how fast, and how often it reports.
@@ -51,6 +52,9 @@ class TrainConfig:
     max_channels_mult: int = 8  # channel cap = mult * base (matters at 128 px)
     feature_size: int = 2048  # penultimate layer of each classifier branch (paper: 2048)
     d_norm: str = "layer"
+    # "joint": the paper's DC-GAN on all codes; "additive" (beyond the paper): the expression code gets a trunk
+    # of its own whose output is added before the tanh (docs/training.md, "Additive generator")
+    generator: str = "joint"
     # optimisation
     batch_size: int = 64
     d_steps: int = 3
@@ -121,6 +125,7 @@ class TrainConfig:
         _check_choice("profile", self.profile, PROFILES)
         _check_choice("amp", self.amp, AMP_MODES)
         _check_choice("d_norm", self.d_norm, D_NORMS)
+        _check_choice("generator", self.generator, GENERATORS)
         positive = ["noise_size", "extra_code_size", "g_channels", "d_channels", "max_channels_mult",
                     "feature_size", "batch_size", "d_steps", "epochs", "ckpt_every_iters", "ckpt_every_epochs",
                     "sample_every_epochs", "log_every",
@@ -156,6 +161,17 @@ class TrainConfig:
         from facegan.nn.losses import variant_spec
 
         return variant_spec(self.variant, n_factors, self.random_phase, self.random_critic)
+
+    def build_generator(self, code_sizes: list[int], mask):
+        """The :class:`~facegan.nn.networks.Generator` of this config for codes of ``code_sizes`` and a chart
+        ``mask`` (R, R) bool."""
+        from facegan.nn.networks import Generator
+        from facegan.train.data import EXPRESSION
+
+        if self.generator == "additive" and len(code_sizes) <= EXPRESSION:
+            raise FaceganError("config generator='additive' needs an expression factor")
+        return Generator(code_sizes, self.noise_size, mask, self.g_channels, self.max_channels_mult,
+                         EXPRESSION if self.generator == "additive" else None)
 
     def code_sizes_for(self, n_factors: int) -> list[int]:
         """Code size of each of ``n_factors`` factors (extra factors get ``extra_code_size``)."""

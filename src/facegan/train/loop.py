@@ -86,7 +86,7 @@ class DistEnv:
 def build_networks(cfg: TrainConfig, spec: VariantSpec, mask: torch.Tensor, n_classes: list[int]) -> tuple[Generator, Discriminator]:
     """G and D for a dataset with ``n_classes`` per factor; D gets a branch per classified factor, and the
     expression branch a descriptor regression when ``cfg.descriptor_size`` > 0 with ``descriptor = "head"``."""
-    g = Generator(cfg.code_sizes_for(spec.n_factors), cfg.noise_size, mask, cfg.g_channels, cfg.max_channels_mult)
+    g = cfg.build_generator(cfg.code_sizes_for(spec.n_factors), mask)
     head = cfg.descriptor_size if cfg.descriptor == "head" else 0
     descriptors = [head if k == EXPRESSION else 0 for k in spec.classified]
     d = Discriminator(int(mask.shape[-1]), [n_classes[k] for k in spec.classified], cfg.d_channels,
