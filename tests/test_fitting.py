@@ -157,6 +157,17 @@ def test_divergent_face_is_restarted(model, generated, monkeypatch, scale):
     assert result.mean_error.max() < 0.05 * typical
 
 
+def test_a_fit_from_z0_is_never_restarted_as_stalled(model):
+    """The model's own face at z = 0: from init = "zero" the loss cannot fall by 10%, which is no stall
+    (the stall test is for random starts far outside the prior); from a random start it falls."""
+    n_latent = sum(model.code_sizes) + model.noise_size
+    mean_face = decode_codes(model, fitting.split_codes(model, torch.zeros(1, n_latent)), "sparse")
+    result = fit_meshes(model, mean_face, options=replace(FAST, max_restarts=2))
+    assert result.restarts.tolist() == [0]
+    start = torch.tensor([10.0, 10.0])
+    assert fitting.flag_divergent(start, start, torch.ones(2), FAST, torch.tensor([False, True])).tolist() == [False, True]
+
+
 def test_restarts_are_bounded(model, generated, monkeypatch):
     faces, _, _ = generated
     monkeypatch.setattr(fitting, "random_start", lambda n, seed, fs, attempt, start=0: torch.full((len(fs), n), float("nan")))

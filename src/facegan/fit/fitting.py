@@ -11,8 +11,8 @@ lambda = 1e-4 (the paper's value). The data term is a sum of per-vertex Euclidea
 squared ones, as in the paper (torch's norm has the zero subgradient at a zero residual).
 
 The whole batch is optimized at once by Adam, from z = 0 (the prior's mode; the paper starts from a
-random z ~ N(0, I), ``FitOptions.init = "random"``). The faces never
-interact: the batch objective is sum_b E_b, each z_b only receives the gradient of its own E_b,
+random z ~ N(0, I), ``FitOptions.init = "random"``). Unless they share a code (``fit_meshes``' ``share``),
+the faces never interact: the batch objective is sum_b E_b, each z_b only receives the gradient of its own E_b,
 Adam is element-wise and G runs in eval mode (BatchNorm with running statistics), so fitting a
 batch gives the same codes as fitting its faces one by one with the same starts.
 
@@ -66,7 +66,8 @@ class FitOptions:
     precision: "bf16" (autocast convolutions, ~1.3x faster on CPU) or "fp32"; the final errors are
     always evaluated in fp32.
     Restart rule, applied after each attempt to every face: restart if its final loss is not finite,
-    or it is *stalled* (final loss > ``stall_fraction`` x its starting loss), or it is an *outlier*
+    or it is *stalled* (final loss > ``stall_fraction`` x its starting loss; for a random start only: a start
+    far outside the prior saturates tanh, while z = 0 starts near every face), or it is an *outlier*
     (masked mean vertex error > ``outlier_ratio`` x the median over the faces of the call, and above
     ``outlier_floor_mm``). At most ``max_restarts`` restarts per face; each restart draws a new random
     start and only replaces the face's result if its loss is lower.
@@ -461,12 +462,16 @@ def _run_attempt(network, reader, targets, weights, z0, options: FitOptions,
 
 
 def flag_divergent(loss: torch.Tensor, start_loss: torch.Tensor, masked_error: torch.Tensor,
-                   options: FitOptions) -> torch.Tensor:
+                   options: FitOptions, random_start: torch.Tensor | None = None) -> torch.Tensor:
     """(B,) bool: faces to restart (see :class:`FitOptions`): non-finite, stalled or outlier.
 
-    loss, start_loss: (B,) Eq. 12 at the end / start of the attempt; masked_error: (B,) mm."""
+    loss, start_loss: (B,) Eq. 12 at the end / start of the attempt; masked_error: (B,) mm; random_start:
+    (B,) bool, the faces whose fit began at a random start, the only ones the stall test applies to (None:
+    all)."""
     finite = torch.isfinite(loss) & torch.isfinite(masked_error)
     stalled = loss > options.stall_fraction * start_loss
+    if random_start is not None:
+        stalled &= random_start
     typical = masked_error[finite].median() if bool(finite.any()) else torch.tensor(math.inf)
     outlier = (masked_error > options.outlier_ratio * typical) & (masked_error > options.outlier_floor_mm)
     return ~finite | stalled | outlier
@@ -617,12 +622,12 @@ def _fit(model, meshes, vertex_mask, options: FitOptions, face_seeds, share) -> 
     targets_d, weights_d = targets.to(device), mask.to(device, torch.float32)
     n_latent = sum(model.code_sizes) + model.noise_size
 
-    z, loss, start_loss, history = _first_attempt(network, reader, targets_d, weights_d, n_latent, face_seeds, options,
-                                                  sharing)
+    z, loss, start_loss, history, random_kept = _first_attempt(network, reader, targets_d, weights_d, n_latent,
+                                                               face_seeds, options, sharing)
     restarts = torch.zeros(n, dtype=torch.int64)
     for attempt in range(1, options.max_restarts + 1):
         errors = _masked_mean(_errors(network, reader, z, targets_d), weights_d)
-        flagged = flag_divergent(loss, start_loss, errors, options).cpu()
+        flagged = flag_divergent(loss, start_loss, errors, options, random_kept).cpu()
         todo = torch.nonzero(sharing.unit_total(flagged.float()) > 0).flatten()  # a unit restarts whole
         if len(todo) == 0:
             break
@@ -636,13 +641,15 @@ def _fit(model, meshes, vertex_mask, options: FitOptions, face_seeds, share) -> 
         keep = idx[better]
         z[keep], loss[keep], start_loss[keep] = z_new[better], loss_new[better], start_new[better]
         history[:, keep] = history_new[:, better]
+        random_kept[keep] = True
     return _result(model, codec, network, reader, z, targets_d, mask, restarts, history, options, started)
 
 
 def _first_attempt(network, reader, targets, weights, n_latent: int, face_seeds: list[int], options: FitOptions,
                    sharing: "Sharing") -> tuple[torch.Tensor, ...]:
     """Attempt 0 with ``options.starts`` starts per face in one batch (face-major rows); per unit of ``sharing``,
-    the start with the lowest final loss. Returns (z, loss, start loss, history) as :func:`_run_attempt` for B faces."""
+    the start with the lowest final loss. Returns (z, loss, start loss, history) as :func:`_run_attempt` for B faces,
+    and (B,) bool: the kept start was random (not ``init = "zero"``'s z = 0)."""
     k, device = options.starts, targets.device
     z0 = torch.stack([first_starts(n_latent, face_seeds, start, options) for start in range(k)], 1)
     repeated = sharing.repeat(k)
@@ -651,7 +658,8 @@ def _first_attempt(network, reader, targets, weights, n_latent: int, face_seeds:
                                                 repeated)
     best = repeated.unit_total(torch.nan_to_num(loss, nan=float("inf"))).view(-1, k).argmin(1)
     rows = torch.arange(len(best), device=best.device) * k + best
-    return z[rows], loss[rows], start_loss[rows], history[:, rows]
+    random = (best != 0) | (options.init == "random")
+    return z[rows], loss[rows], start_loss[rows], history[:, rows], random
 
 
 def _errors(network, reader, z: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
