@@ -11,7 +11,7 @@ from facegan.nn.losses import (BatchPlan, FaceGANLoss, LossWeights, class_weight
                                critic_loss_d, critic_loss_g, descriptor_distance, descriptor_regression, feature_loss,
                                gradient_penalty, plan_batch, prototype_distance, sample_codes, total_variation,
                                variant_spec, weighted_nll)
-from facegan.nn.networks import Discriminator, Generator
+from facegan.nn.networks import Discriminator, Generator, stack_pairs
 from facegan.train.data import LinearDescriptor
 
 
@@ -273,6 +273,42 @@ def test_classifiers_see_the_recombined_faces_and_the_critic_the_real_ones():
         acgan = FaceGANLoss(variant_spec("acgan", 2), LossWeights(), ["identity", "expression"], [torch.ones(4)],
                             torch.ones(16, 16, dtype=torch.bool))
         acgan.discriminator_loss(d, d, real, labels, fake, [None, None], alpha, classified_real=classified)
+
+
+def test_pair_critic_terms_of_d_and_g():
+    """D adds the pair critic's own WGAN-GP loss on (real pairs, fake pairs); G adds lambda_pair times
+    -E[C_pair] over its pairs of fakes sharing the expression code, and nothing in batches without them."""
+    torch.manual_seed(0)
+    spec = variant_spec("full", 2)
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    g = Generator([4, 3], 2, mask, base_channels=4)
+    d = Discriminator(16, [4, 3], base_channels=4, feature_size=8, pair_critic=True)
+    weights = LossWeights(lambda_pair=0.7)
+    loss = FaceGANLoss(spec, weights, ["identity", "expression"], [torch.ones(4), torch.ones(3)], mask,
+                       pair_factor=1)
+    real, fake = torch.randn(2, 4, 3, 16, 16)
+    real_pairs, fake_pairs = torch.randn(2, 2, 6, 16, 16)
+    labels = [torch.tensor([0, 1, 2, 3]), torch.tensor([-1, 2, -1, 0])]
+    alpha = torch.rand(4)
+    without, _ = loss.discriminator_loss(d, d, real, labels, fake, [None, None], alpha)
+    total, stats = loss.discriminator_loss(d, d, real, labels, fake, [None, None], alpha,
+                                           pairs=(real_pairs, fake_pairs))
+    scores = d.pair_critic(torch.cat([real_pairs, fake_pairs]))
+    pair_term = critic_loss_d(scores[:2], scores[2:]) + 10.0 * gradient_penalty(d.pair_critic, real_pairs,
+                                                                                 fake_pairs, alpha[:2])
+    assert (total - without).item() == pytest.approx(pair_term.item(), rel=1e-4)
+    assert stats["d_pair_wdist"][0].item() == pytest.approx(-critic_loss_d(scores[:2], scores[2:]).item(), rel=1e-5)
+    tables, choices = [torch.randn(4, 4), torch.randn(3, 3)], [torch.arange(4), torch.arange(3)]
+    gen = torch.Generator().manual_seed(0)
+    batch = sample_codes(4, plan_batch(spec, 0), tables, choices, 2, gen)  # expression codes paired
+    plain = FaceGANLoss(spec, weights, ["identity", "expression"], [torch.ones(4), torch.ones(3)], mask)
+    with_pairs, g_stats = loss.generator_loss(g, d, batch)
+    without, _ = plain.generator_loss(g, d, batch)
+    expected = -d.pair_critic(stack_pairs(g(batch.z()), *batch.pairs[1])).mean()
+    assert g_stats["g_pair"][0].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert (with_pairs - without).item() == pytest.approx(0.7 * expected.item(), rel=1e-4)
+    batch = sample_codes(4, plan_batch(spec, 1), tables, choices, 2, gen)  # expression labeled: no pairs
+    assert "g_pair" not in loss.generator_loss(g, d, batch)[1]
 
 
 def test_prototype_distance_by_hand():

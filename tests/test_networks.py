@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from facegan.nn.networks import N_SHARED_BLOCKS, Discriminator, Generator
+from facegan.nn.networks import N_SHARED_BLOCKS, Discriminator, Generator, stack_pairs
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,3 +110,19 @@ def test_channels_last_gives_same_result():
     ref = d.critic(g(z))
     g_cl, d_cl = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
     torch.testing.assert_close(d_cl.critic(g_cl(z)), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_pair_critic_scores_two_images_stacked_on_channels():
+    """stack_pairs puts pair i's two images on channels 0-2 and 3-5 (as a loop does); the pair critic is a
+    critic of its own over such 6-channel inputs, absent unless asked for."""
+    torch.manual_seed(0)
+    images = torch.randn(6, 3, 16, 16)
+    first, second = torch.tensor([0, 2, 5]), torch.tensor([1, 3, 4])
+    pairs = stack_pairs(images, first, second)
+    for i in range(3):
+        assert torch.equal(pairs[i], torch.cat([images[first[i]], images[second[i]]]))
+    d = Discriminator(16, [3], base_channels=4, feature_size=8, pair_critic=True)
+    assert d.pair_critic(pairs).shape == (3,)
+    assert d.pairs.trunk[0].in_channels == 6 and len(d.pairs.class_heads) == 0
+    plain = Discriminator(16, [3], base_channels=4, feature_size=8)
+    assert plain.pairs is None and not any(k.startswith("pairs.") for k in plain.state_dict())

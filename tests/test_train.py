@@ -18,8 +18,8 @@ from facegan.train import loop
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
 from facegan.train.config import TrainConfig, apply_overrides, config_differences, make_config
 from facegan.train.data import (TrainingImages, chart_vectors, fit_linear_descriptor, gaussian_identities,
-                                identity_shape_images, recombine_identities, residual_descriptors, to_network,
-                                to_uint8)
+                                identity_shape_images, recombine_identities, residual_descriptors,
+                                shared_expression_pairs, to_network, to_uint8)
 from facegan.train.loop import logged_training_seconds, train
 
 
@@ -413,6 +413,52 @@ def test_training_with_recombined_faces(tmp_path):
         tiny_config("recombine=0.5", "recombine_novel=2")
 
 
+# ----------------------------------------------------------------------------------- pair critic
+
+
+def test_a_real_pair_is_one_expression_on_two_identities():
+    """Each member of a real pair for the pair critic is the face of (its identity, face k's expression); a
+    face without an identity label is paired with itself."""
+    images, identity, labels, truth = additive_faces()
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    shapes = identity_shape_images(images, mask, identity, labels)
+    x = to_network(images, mask)
+    known = identity.clone()
+    known[::7] = -1
+    pairs, members = shared_expression_pairs(x, known, shapes, torch.Generator().manual_seed(0))
+    assert pairs.shape == (len(x), 6, 16, 16) and members.shape == (2, len(x))
+    assert bool((members[0] != members[1]).any())
+    for k in range(len(x)):
+        for m in range(2):
+            member = pairs[k, 3 * m: 3 * m + 3]
+            if known[k] < 0:
+                assert torch.equal(member, x[k]) and members[m, k] == -1
+                continue
+            twin = next(j for j in range(len(x)) if identity[j] == members[m, k] and truth[j] == truth[k])
+            torch.testing.assert_close(member, x[twin], atol=1e-4, rtol=0)
+
+
+def test_training_with_a_pair_critic(tmp_path):
+    """pair_critic: D holds a 6-channel critic of pairs, trained and logged; bad setups are refused."""
+    run = tmp_path / "run"
+    train(synth(), tiny_config("epochs=1", "pair_critic=true", "random_critic=true", "recombine=0.5",
+                               "recombine_novel=0.5"), run)
+    tensors, _ = load_checkpoint(run / "checkpoint.safetensors")
+    assert tensors["D.pairs.trunk.0.weight"].shape[1] == 6
+    rows = (run / "log.csv").read_text().splitlines()
+    header, last = rows[0].split(","), rows[-1].split(",")
+    for column in ("d_pair_wdist", "d_pair_gp", "g_pair"):
+        assert last[header.index(column)] != "", column
+    train(synth(), tiny_config("epochs=1", "pair_critic=true"), tmp_path / "plain")  # without recombination
+    assert "D.pairs.trunk.0.weight" in load_checkpoint(tmp_path / "plain" / "checkpoint.safetensors")[0]
+    with pytest.raises(FaceganError, match="variant 'no-feature' never pairs expression codes"):
+        train(synth(), tiny_config("epochs=1", "pair_critic=true", "variant=no-feature"), tmp_path / "nofeat")
+    with pytest.raises(FaceganError, match="pair_critic needs exactly two factors"):
+        train(synth(n_classes=(4, 3, 2)), tiny_config("epochs=1", "pair_critic=true"), tmp_path / "three")
+    with pytest.raises(FaceganError, match="lambda_pair=-1"):
+        tiny_config("pair_critic=true", "lambda_pair=-1")
+
+
 def test_training_and_fitting_with_an_additive_generator(tmp_path):
     run = tmp_path / "run"
     train(synth(), tiny_config("epochs=1", "generator=additive"), run)
@@ -432,9 +478,11 @@ def test_recombined_faces_reach_the_classifiers_or_every_branch(tmp_path, monkey
     seen = []
     original = loop.FaceGANLoss.discriminator_loss
 
-    def spy(self, d_sync, d_plain, real, real_labels, fake, fake_labels, alpha, descriptors=None, classified=None):
+    def spy(self, d_sync, d_plain, real, real_labels, fake, fake_labels, alpha, descriptors=None, classified=None,
+            *rest):
         seen.append((real.clone(), None if classified is None else classified.clone()))
-        return original(self, d_sync, d_plain, real, real_labels, fake, fake_labels, alpha, descriptors, classified)
+        return original(self, d_sync, d_plain, real, real_labels, fake, fake_labels, alpha, descriptors, classified,
+                        *rest)
 
     monkeypatch.setattr(loop.FaceGANLoss, "discriminator_loss", spy)
     data = synth()
@@ -524,16 +572,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, options: tuple[str, ...]) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     # checkpoints every 3 iterations also check that the replicas' parameters agree across ranks
-    train(synth(), tiny_config(), Path(out))
+    train(synth(), tiny_config(*options), Path(out))
 
 
-def test_ddp_two_processes(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run")), nprocs=2, join=True)
+@pytest.mark.parametrize("options", [(), ("pair_critic=true", "recombine=0.5")], ids=["paper", "pair-critic"])
+def test_ddp_two_processes(tmp_path, options):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run"), options), nprocs=2, join=True)
     tensors, meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")
     assert meta["world_size"] == 2 and meta["iteration"] == 8
     assert not torch.equal(tensors["rng.sample.rank0"], tensors["rng.sample.rank1"])  # own fake streams

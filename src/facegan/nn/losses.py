@@ -14,7 +14,9 @@ feature loss); see :func:`plan_batch` and :func:`sample_codes`.
 
 Beyond the paper, a classifier branch may also regress an *expression descriptor* (the identity-normalized
 residual of :func:`facegan.train.data.residual_descriptors`): D learns it on real images, and the feature
-loss of that factor compares descriptors instead of cosine features (docs/training.md).
+loss of that factor compares descriptors instead of cosine features (docs/training.md). With a *pair critic*,
+D also holds a second WGAN-GP critic of image pairs: real pairs wear one face's expression residual on two
+identities, fake pairs share the expression code; G adds lambda_pair * (-E[C_pair(fake pairs)]).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from facegan.errors import FaceganError, lookup
-from facegan.nn.networks import Discriminator, DOutput
+from facegan.nn.networks import Discriminator, DOutput, stack_pairs
 
 if TYPE_CHECKING:
     from facegan.train.data import LinearDescriptor
@@ -318,6 +320,7 @@ class LossWeights:
     lambda_feat: float = 0.5
     lambda_tv: float = 1e-4
     gp_weight: float = 10.0
+    lambda_pair: float = 1.0
 
 
 Stats = dict[str, tuple[torch.Tensor, torch.Tensor | float]]  # name -> (numerator, denominator), on device
@@ -330,13 +333,14 @@ class FaceGANLoss:
     (n_classes,) class weights of classifier branch b (real data only); mask: (R, R) UV-chart mask;
     autocast: a factory of the mixed-precision context (a no-op context for float32);
     linear_descriptor: (factor, descriptor): the feature loss of that factor's pairs compares the fixed linear
-    descriptors of the fakes, and with prototypes its labeled fakes are pulled to their class's prototype.
+    descriptors of the fakes, and with prototypes its labeled fakes are pulled to their class's prototype;
+    pair_factor: the factor whose pairs of fakes D's pair critic scores in the G phase (None: no pair critic).
     """
 
     def __init__(self, spec: VariantSpec, weights: LossWeights, factor_names: list[str],
                  real_class_weights: list[torch.Tensor], mask: torch.Tensor,
                  autocast: Callable[[], ContextManager] = contextlib.nullcontext,
-                 linear_descriptor: tuple[int, LinearDescriptor] | None = None):
+                 linear_descriptor: tuple[int, LinearDescriptor] | None = None, pair_factor: int | None = None):
         self.spec = spec
         self.w = weights
         self.names = factor_names
@@ -344,18 +348,22 @@ class FaceGANLoss:
         self.mask = mask
         self.autocast = autocast
         self.linear_descriptor = linear_descriptor
+        self.pair_factor = pair_factor
 
     def discriminator_loss(self, d_sync: torch.nn.Module, d_plain: Discriminator, real: torch.Tensor,
                            real_labels: list[torch.Tensor], fake: torch.Tensor,
                            fake_labels: list[torch.Tensor | None], alpha: torch.Tensor,
                            real_descriptors: tuple[torch.Tensor, torch.Tensor] | None = None,
-                           classified_real: torch.Tensor | None = None) -> tuple[torch.Tensor, Stats]:
+                           classified_real: torch.Tensor | None = None,
+                           pairs: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, Stats]:
         """D phase. real, fake: (B, 3, R, R); real_labels[k]: (B,) labels of factor k (-1 = missing);
         fake_labels[k]: labels of the fake codes (used only by AC-GAN); alpha: (B,) GP mixing weights;
         real_descriptors: (targets (B, K), valid (B,) bool) of the real images, for the branches with an
         expression descriptor (trained like the classifiers: real images only, weight lambda_c);
         classified_real: (B, 3, R, R) images the classifiers see instead of ``real`` (recombined faces,
-        labeled by real_labels), while the critic still sees ``real``; not with AC-GAN.
+        labeled by real_labels), while the critic still sees ``real``; not with AC-GAN;
+        pairs: (real pairs, fake pairs), each (P, 6, R, R) with P <= B, for D's pair critic (WGAN-GP of its
+        own, mixing weights alpha[:P]).
 
         d_sync is the module whose forward registers gradient synchronisation (DDP) and d_plain the bare
         module: real and fake go through d_sync in one forward, the gradient penalty through
@@ -375,6 +383,15 @@ class FaceGANLoss:
         wgan = critic_loss_d(out.critic[:n], out.critic[n:])
         loss = wgan + w.gp_weight * gp
         stats: Stats = {"d_wdist": (-wgan.detach(), 1.0), "d_gp": (gp.detach(), 1.0)}
+        if pairs is not None:
+            real_pairs, fake_pairs = pairs[0], pairs[1].detach()
+            with self.autocast():
+                scores = d_plain.pair_critic(torch.cat([real_pairs, fake_pairs]))
+                pair_gp = gradient_penalty(d_plain.pair_critic, real_pairs, fake_pairs, alpha[:len(real_pairs)])
+            pair_wgan = critic_loss_d(scores[:len(real_pairs)], scores[len(real_pairs):])
+            loss = loss + pair_wgan + w.gp_weight * pair_gp
+            stats["d_pair_wdist"] = (-pair_wgan.detach(), 1.0)
+            stats["d_pair_gp"] = (pair_gp.detach(), 1.0)
         for b, k in enumerate(spec.classified):
             logits = out.logits[b]
             nll = weighted_nll(logits[:n], real_labels[k], self.real_class_weights[b])
@@ -395,7 +412,8 @@ class FaceGANLoss:
     def generator_loss(self, g_sync: torch.nn.Module, d_plain: Discriminator,
                        batch: CodeBatch) -> tuple[torch.Tensor, Stats]:
         """G phase: generate from ``batch`` with g_sync and score with d_plain (whose parameters should
-        have requires_grad off). Classification on the labeled factors, feature loss on the paired ones."""
+        have requires_grad off). Classification on the labeled factors, feature loss on the paired ones, and
+        the pair critic on the pairs of ``pair_factor`` when the batch has them."""
         spec, w = self.spec, self.w
         labeled = [k for k in spec.classified if batch.labels[k] is not None]
         paired = [k for k in batch.pairs if k in spec.classified]
@@ -406,6 +424,12 @@ class FaceGANLoss:
         gan = critic_loss_g(out.critic)
         loss = w.lambda_gan * gan
         stats: Stats = {"g_gan": (gan.detach(), 1.0)}
+        if self.pair_factor in batch.pairs:
+            with self.autocast():
+                scores = d_plain.pair_critic(stack_pairs(fake, *batch.pairs[self.pair_factor]))
+            pair_gan = critic_loss_g(scores)
+            loss = loss + w.lambda_pair * pair_gan
+            stats["g_pair"] = (pair_gan.detach(), 1.0)
         described, descriptor = self.linear_descriptor or (None, None)
         descriptors = descriptor(fake) if described in set(labeled) | set(paired) else None
         for k in labeled:

@@ -124,6 +124,11 @@ def _down_block(c_in: int, c_out: int, norm: str) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 4, 2, 1, bias=norm == "none"), _norm(norm, c_out), nn.LeakyReLU(0.2))
 
 
+def stack_pairs(images: torch.Tensor, first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """images (B, 3, R, R) and pair indices first, second (P,) -> (P, 6, R, R): each pair's two images on channels."""
+    return torch.cat([images[first], images[second]], dim=1)
+
+
 @dataclass
 class DOutput:
     """What a discriminator pass returns; entries not asked for are None.
@@ -163,16 +168,20 @@ class Discriminator(nn.Module):
     norm: "layer" (default: GroupNorm(1, C), per-sample layer norm as recommended by Gulrajani et al. for
     WGAN-GP), "instance" or "none". No batch norm: it couples the samples of a batch, which would make
     each sample's gradient-penalty term depend on the others. The first block has no norm (DC-GAN).
+    in_channels: channels of the input (3; 6 for a pair critic's two stacked images).
+    pair_critic: also hold a critic of image pairs, a discriminator of its own with 6 input channels and no
+    classifier (beyond the paper, docs/training.md "Pair critic"); None otherwise.
     """
 
     def __init__(self, resolution: int, n_classes: list[int], base_channels: int = 64, feature_size: int = 2048,
-                 norm: str = "layer", max_mult: int = 8, descriptor_sizes: list[int] | None = None):
+                 norm: str = "layer", max_mult: int = 8, descriptor_sizes: list[int] | None = None,
+                 in_channels: int = 3, pair_critic: bool = False):
         super().__init__()
         n_down = _n_resamplings(resolution)
         widths = [base_channels * min(2 ** i, max_mult) for i in range(n_down)]
         self.n_classes = list(n_classes)
         self.trunk = nn.Sequential(
-            nn.Conv2d(3, widths[0], 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(in_channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2),
             *[_down_block(widths[i - 1], widths[i], norm) for i in range(1, N_SHARED_BLOCKS)],
         )
 
@@ -185,11 +194,17 @@ class Discriminator(nn.Module):
         self.class_convs = nn.ModuleList([branch_convs() for _ in n_classes])
         sizes = descriptor_sizes or [0] * len(n_classes)
         self.class_heads = nn.ModuleList([ClassifierHead(flat, feature_size, c, d) for c, d in zip(n_classes, sizes)])
+        self.pairs = (Discriminator(resolution, [], base_channels, feature_size, norm, max_mult, in_channels=6)
+                      if pair_critic else None)
         dcgan_init(self)
 
     def critic(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) -> (B,) critic values; the only path the gradient penalty differentiates."""
         return self.critic_out(self.critic_convs(self.trunk(x)).flatten(1)).squeeze(1)
+
+    def pair_critic(self, pairs: torch.Tensor) -> torch.Tensor:
+        """(P, 6, R, R) pairs of images stacked on channels (:func:`stack_pairs`) -> (P,) pair critic values."""
+        return self.pairs.critic(pairs)
 
     def forward(self, x: torch.Tensor, critic: bool = True, branches: list[int] | None = None,
                 n_classify: int | None = None, critic_from: int = 0) -> DOutput:

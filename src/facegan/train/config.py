@@ -90,6 +90,10 @@ class TrainConfig:
     # with recombine: this fraction of the recombined faces wear a new identity drawn from a Gaussian over the
     # identity shapes, identity unlabeled, so the expression branch also learns identities beyond the training ones
     recombine_novel: float = 0.0
+    # beyond the paper: a second critic on pairs of faces sharing the expression code, against pairs of real
+    # faces wearing one expression residual on two identities (docs/training.md, "Pair critic"); G's weight
+    pair_critic: bool = False
+    lambda_pair: float = 1.0
     ema_beta: float = 0.999  # per generator step, with a (1+t)/(10+t) warm-up
     # length: stop at whichever comes first (0 = no limit on iterations). The small profile is bounded by
     # its time budget (max_iters), not by epochs, whose length depends on the dataset size
@@ -150,6 +154,8 @@ class TrainConfig:
             raise FaceganError(f"config recombine_novel={self.recombine_novel}: must be a fraction in [0, 1]")
         if self.recombine_novel and not self.recombine:
             raise FaceganError("config recombine_novel needs recombine > 0")
+        if self.lambda_pair < 0:
+            raise FaceganError(f"config lambda_pair={self.lambda_pair}: must be >= 0")
         if self.max_iters < 0:
             raise FaceganError(f"config max_iters={self.max_iters}: must be >= 0 (0 = no limit)")
         if not 0.0 <= self.ema_beta < 1.0:

@@ -240,6 +240,21 @@ def recombine_identities(images: torch.Tensor, identity: torch.Tensor, shapes: t
     return (images + offset).clamp_(-1.0, 1.0), new_identity
 
 
+def shared_expression_pairs(images: torch.Tensor, identity: torch.Tensor, shapes: torch.Tensor,
+                            generator: torch.Generator, novel: float = 0.0, novel_from: torch.Tensor | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real pairs for the pair critic (beyond the paper, docs/training.md "Pair critic"): each face's expression
+    residual ``x_k - a[id_k]`` worn by two identities, each drawn as :func:`recombine_identities` draws one
+    (another face's identity, or with ``novel`` a new Gaussian identity).
+
+    images: (P, 3, H, W) network values; identity: (P,) int64 (-1: unlabeled, then both members are the face
+    itself); shapes, novel, novel_from: as for :func:`recombine_identities`. Returns (pairs (P, 6, H, W), the two
+    members stacked on channels; identities (2, P) of the members, -1 for a new one).
+    """
+    members = [recombine_identities(images, identity, shapes, 1.0, generator, novel, novel_from) for _ in range(2)]
+    return torch.cat([m[0] for m in members], dim=1), torch.stack([m[1] for m in members])
+
+
 @dataclass
 class LinearDescriptor:
     """A fixed linear expression descriptor (beyond the paper, docs/training.md "Linear descriptor").

@@ -37,14 +37,14 @@ from PIL import Image
 from facegan.device import retain_freed_memory
 from facegan.errors import FaceganError
 from facegan.fileio import atomic_path, read_json, write_json
-from facegan.nn.losses import (CodeBatch, FaceGANLoss, LossWeights, VariantSpec, class_weights, plan_batch,
-                               sample_codes)
-from facegan.nn.networks import Discriminator, Generator
+from facegan.nn.losses import (BatchPlan, CodeBatch, FaceGANLoss, LossWeights, VariantSpec, class_weights,
+                               plan_batch, sample_codes)
+from facegan.nn.networks import Discriminator, Generator, stack_pairs
 from facegan.train import checkpoint as ckpt
 from facegan.train.config import TrainConfig, config_differences
 from facegan.train.data import (EXPRESSION, LinearDescriptor, TrainingImages, fit_linear_descriptor,
-                                identity_shape_images, recombine_identities, residual_descriptors, to_network,
-                                to_uint8)
+                                identity_shape_images, recombine_identities, residual_descriptors,
+                                shared_expression_pairs, to_network, to_uint8)
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
@@ -90,21 +90,25 @@ def build_networks(cfg: TrainConfig, spec: VariantSpec, mask: torch.Tensor, n_cl
     head = cfg.descriptor_size if cfg.descriptor == "head" else 0
     descriptors = [head if k == EXPRESSION else 0 for k in spec.classified]
     d = Discriminator(int(mask.shape[-1]), [n_classes[k] for k in spec.classified], cfg.d_channels,
-                      cfg.feature_size, cfg.d_norm, cfg.max_channels_mult, descriptors)
+                      cfg.feature_size, cfg.d_norm, cfg.max_channels_mult, descriptors, pair_critic=cfg.pair_critic)
     return g, d
 
 
 def check_identity_shapes(cfg: TrainConfig, spec: VariantSpec, factors: list[str]) -> None:
-    """The expression descriptor and the recombined faces use each identity's expression-free shape: they
-    need exactly the two factors (identity, then expression); the descriptor needs an expression classifier
-    branch, and recombination a D that classifies real images only."""
-    used = [key for key in ("descriptor_size", "recombine") if getattr(cfg, key)]
+    """The expression descriptor, the recombined faces and the pair critic use each identity's expression-free
+    shape: they need exactly the two factors (identity, then expression); the descriptor needs an expression
+    classifier branch, recombination a D that classifies real images only, and the pair critic a variant
+    whose generator batches pair the expression codes."""
+    used = [key for key in ("descriptor_size", "recombine", "pair_critic") if getattr(cfg, key)]
     if used and len(factors) != 2:
         raise FaceganError(f"{used[0]} needs exactly two factors (identity, expression); the data has {factors}")
     if cfg.descriptor_size and EXPRESSION not in spec.classified:
         raise FaceganError(f"descriptor_size needs an expression classifier; variant {spec.name!r} has none")
     if cfg.recombine and spec.classify_fakes_in_d:
         raise FaceganError(f"recombine: variant {spec.name!r} classifies fakes in D; use it with the other variants")
+    if cfg.pair_critic and not any(EXPRESSION in plan_batch(spec, i).paired for i in range(spec.n_phases)):
+        raise FaceganError(f"pair_critic: variant {spec.name!r} never pairs expression codes; use it with "
+                           f"variants that alternate with the feature loss")
 
 
 def linear_descriptor(cfg: TrainConfig, data: TrainingImages) -> LinearDescriptor | None:
@@ -179,17 +183,20 @@ class Meter:
                 for i, k in enumerate(keys)}
 
 
-def log_columns(spec: VariantSpec, names: list[str], descriptor: bool = False, prototypes: bool = False) -> list[str]:
+def log_columns(spec: VariantSpec, names: list[str], descriptor: bool = False, prototypes: bool = False,
+                pair_critic: bool = False) -> list[str]:
     """CSV columns for a variant (with D's expression-descriptor regression or not, with the prototype loss
-    or not): fixed up front so every row has the same layout."""
+    or not, with the pair critic or not): fixed up front so every row has the same layout."""
     cols = ["iteration", "epoch", "seconds", "img_per_s", "d_loss", "d_wdist", "d_gp"]
+    if pair_critic:
+        cols += ["d_pair_wdist", "d_pair_gp"]
     for k in spec.classified:
         cols += [f"d_class_{names[k]}", f"d_acc_{names[k]}"]
         if descriptor and k == EXPRESSION:
             cols.append(f"d_descriptor_{names[k]}")
         if spec.classify_fakes_in_d:
             cols.append(f"d_class_fake_{names[k]}")
-    cols += ["g_loss", "g_gan"] + [f"g_class_{names[k]}" for k in spec.classified]
+    cols += ["g_loss", "g_gan"] + (["g_pair"] if pair_critic else []) + [f"g_class_{names[k]}" for k in spec.classified]
     if prototypes:
         cols.append(f"g_proto_{names[EXPRESSION]}")
     if spec.feature_loss:
@@ -247,7 +254,7 @@ class Trainer:
                                                   data.labels[self.factors[EXPRESSION]], cfg.descriptor_size)
             self.descriptors = (targets.to(self.device), valid.to(self.device))
         self.identity_shapes: torch.Tensor | None = None  # recombination's a[identity] (network-space images)
-        if cfg.recombine:
+        if cfg.recombine or cfg.pair_critic:
             shapes = identity_shape_images(data.images, data.mask, data.labels[self.factors[0]],
                                            data.labels[self.factors[EXPRESSION]])
             self.identity_shapes = shapes.to(self.device, memory_format=torch.channels_last)
@@ -281,11 +288,13 @@ class Trainer:
             self.G_sync = torch.nn.parallel.DistributedDataParallel(self.G, device_ids=ids)
             self.D_sync = torch.nn.parallel.DistributedDataParallel(self.D, device_ids=ids)  # D has no buffers
         self.loss = FaceGANLoss(self.spec, LossWeights(cfg.lambda_c, cfg.lambda_gan, cfg.lambda_class, cfg.lambda_feat,
-                                                       cfg.lambda_tv, cfg.gp_weight),
-                                self.factors, real_weights, self.mask, make_autocast(cfg.amp, self.device), linear)
+                                                       cfg.lambda_tv, cfg.gp_weight, cfg.lambda_pair),
+                                self.factors, real_weights, self.mask, make_autocast(cfg.amp, self.device), linear,
+                                EXPRESSION if cfg.pair_critic else None)
         self.grid_codes = self._grid_codes()
         self.meter = Meter()
-        self.columns = log_columns(self.spec, self.factors, self.descriptors is not None, cfg.descriptor_prototypes)
+        self.columns = log_columns(self.spec, self.factors, self.descriptors is not None, cfg.descriptor_prototypes,
+                                   cfg.pair_critic)
 
     # ---------------------------------------------------------------------------------------- setup
 
@@ -389,8 +398,9 @@ class Trainer:
             alpha = torch.rand(self.local_batch, generator=self.sample_gen, device=self.device)
             self.opt_D.zero_grad(set_to_none=True)
             real_descriptors = None if self.descriptors is None else (self.descriptors[0][idx], self.descriptors[1][idx])
+            pairs = self._critic_pairs(idx) if cfg.pair_critic else None
             loss, stats = self.loss.discriminator_loss(self.D_sync, self.D, real, real_labels, fake, codes.labels, alpha,
-                                                       real_descriptors, classified)
+                                                       real_descriptors, classified, pairs)
             loss.backward()
             self.opt_D.step()
             self.meter.add(stats)
@@ -405,6 +415,22 @@ class Trainer:
         self.meter.add(stats)
         self._update_ema()
         self.iteration += 1
+
+    @torch.no_grad()
+    def _critic_pairs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair critic's batch for the real faces ``idx`` (B,): B/2 real pairs from the first half
+        (:func:`shared_expression_pairs`, new identities with ``recombine_novel``) and B/2 fake pairs, each two
+        random-code fakes sharing a random expression code. Returns (real pairs, fake pairs), each (B/2, 6, R, R)."""
+        cfg = self.cfg
+        half = idx[: len(idx) // 2]
+        real, _ = shared_expression_pairs(to_network(self.images[half], self.mask), self.labels[0][half],
+                                          self.identity_shapes, self.sample_gen, cfg.recombine_novel,
+                                          self.present_shapes)
+        codes = sample_codes(len(idx), BatchPlan((), (EXPRESSION,)), self.fixed_codes, self.class_choices,
+                             cfg.noise_size, self.sample_gen)
+        with self.loss.autocast():
+            fake = self.G_sync(codes.z()).float()
+        return real, stack_pairs(fake, *codes.pairs[EXPRESSION])
 
     @torch.no_grad()
     def _update_ema(self) -> None:
