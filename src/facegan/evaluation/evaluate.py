@@ -290,14 +290,16 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
     target's, 0 = identity kept; identity_gap_mm = target vs source, for scale) and expression_miss_mm
     (expression geometry of the result vs the source's; expression_gap_mm = target vs source). The
     ``detail_`` entries measure the same for the edit applied to the target mesh itself (keep_detail), from
-    the same fits; the ``shared_`` and ``shared_detail_`` entries the same again with the faces of each
-    person fitted with one identity code, for models that can (:func:`can_share_identity`)."""
+    the same fits; fit_identity_change_mm is the identity change of the target's own fit, before any edit
+    (the part of identity_change_mm that fitting alone makes); the ``shared_`` and ``shared_detail_`` entries
+    the same again with the faces of each person fitted with one identity code, for models that can
+    (:func:`can_share_identity`)."""
     from facegan.fit import keep_detail
 
     targets_rows, sources_rows = data.transfer_pairs(config.transfer_pairs, config.seed)
     targets, sources = data.dataset.meshes[targets_rows], data.dataset.meshes[sources_rows]
-    edited, fitted = generator.transfer(targets, sources, "expression", seed=config.seed)
-    results = {"": edited, "detail_": keep_detail(edited, fitted, np.asarray(targets, np.float32))}
+    edited, target_fit = generator.transfer(targets, sources, "expression", seed=config.seed)
+    results = {"": edited, "detail_": keep_detail(edited, target_fit, np.asarray(targets, np.float32))}
     if can_share_identity(generator):
         person = data.dataset.labels.class_indices("identity")
         edited, fitted = generator.transfer(targets, sources, "expression", seed=config.seed,
@@ -314,7 +316,8 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
 
     out = {"pairs": int(len(targets)), "untouched_mm": float(np.linalg.norm(targets - truth, axis=-1).mean()),
            "identity_gap_mm": rms("identity", coeffs["source"], coeffs["target"]),
-           "expression_gap_mm": rms("expression", coeffs["target"], coeffs["source"])}
+           "expression_gap_mm": rms("expression", coeffs["target"], coeffs["source"]),
+           "fit_identity_change_mm": rms("identity", projector.project(target_fit), coeffs["target"])}
     for prefix, result in results.items():
         projected = projector.project(result)
         out |= {f"{prefix}error_mm": float(np.linalg.norm(result - truth, axis=-1).mean()),
