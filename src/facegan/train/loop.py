@@ -385,7 +385,8 @@ class Trainer:
             real = to_network(self.images[idx], self.mask)
             real_labels = [lab[idx] for lab in self.labels]
             classified = None
-            if self.identity_shapes is not None:
+            dataset_real = real  # the pair critic's real pairs are made from the faces before recombination
+            if cfg.recombine:  # not merely identity_shapes: the pair critic needs them too, without recombination
                 classified, real_labels[0] = recombine_identities(
                     real, real_labels[0], self.identity_shapes, cfg.recombine, self.sample_gen, cfg.recombine_novel,
                     self.present_shapes)
@@ -398,7 +399,7 @@ class Trainer:
             alpha = torch.rand(self.local_batch, generator=self.sample_gen, device=self.device)
             self.opt_D.zero_grad(set_to_none=True)
             real_descriptors = None if self.descriptors is None else (self.descriptors[0][idx], self.descriptors[1][idx])
-            pairs = self._critic_pairs(idx) if cfg.pair_critic else None
+            pairs = self._critic_pairs(dataset_real, idx) if cfg.pair_critic else None
             loss, stats = self.loss.discriminator_loss(self.D_sync, self.D, real, real_labels, fake, codes.labels, alpha,
                                                        real_descriptors, classified, pairs)
             loss.backward()
@@ -417,15 +418,15 @@ class Trainer:
         self.iteration += 1
 
     @torch.no_grad()
-    def _critic_pairs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pair critic's batch for the real faces ``idx`` (B,): B/2 real pairs from the first half
-        (:func:`shared_expression_pairs`, new identities with ``recombine_novel``) and B/2 fake pairs, each two
-        random-code fakes sharing a random expression code. Returns (real pairs, fake pairs), each (B/2, 6, R, R)."""
+    def _critic_pairs(self, real: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pair critic's batch for the real faces ``real`` (B, 3, R, R), dataset rows ``idx`` (B,): B/2 real
+        pairs from the first half (:func:`shared_expression_pairs`, new identities with ``recombine_novel``) and
+        B/2 fake pairs, each two random-code fakes sharing a random expression code. Returns (real pairs, fake
+        pairs), each (B/2, 6, R, R)."""
         cfg = self.cfg
-        half = idx[: len(idx) // 2]
-        real, _ = shared_expression_pairs(to_network(self.images[half], self.mask), self.labels[0][half],
-                                          self.identity_shapes, self.sample_gen, cfg.recombine_novel,
-                                          self.present_shapes)
+        half = len(idx) // 2
+        real, _ = shared_expression_pairs(real[:half], self.labels[0][idx[:half]], self.identity_shapes,
+                                          self.sample_gen, cfg.recombine_novel, self.present_shapes)
         codes = sample_codes(len(idx), BatchPlan((), (EXPRESSION,)), self.fixed_codes, self.class_choices,
                              cfg.noise_size, self.sample_gen)
         with self.loss.autocast():
