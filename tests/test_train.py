@@ -17,10 +17,11 @@ from facegan.model import FaceModel
 from facegan.train import loop
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
 from facegan.train.config import TrainConfig, apply_overrides, config_differences, make_config
+from facegan.train.curves import plot_training_log
 from facegan.train.data import (TrainingImages, chart_vectors, fit_linear_descriptor, gaussian_identities,
                                 identity_shape_images, recombine_identities, residual_descriptors,
                                 shared_expression_pairs, to_network, to_uint8)
-from facegan.train.loop import logged_training_seconds, train
+from facegan.train.loop import logged_training_seconds, lr_scale, train
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -144,9 +145,10 @@ def test_train_writes_run_and_model_samples(tmp_path):
     run = tmp_path / "run"
     model_path = train(synth(), tiny_config(), run)
     assert model_path == run / "model.safetensors"
-    assert {p.name for p in run.iterdir()} >= {"config.json", "log.csv", "checkpoint.safetensors", "model.safetensors",
-                                               "samples"}
+    assert {p.name for p in run.iterdir()} >= {"config.json", "log.csv", "curves.png", "checkpoint.safetensors",
+                                               "model.safetensors", "samples"}
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["epoch0001.png", "epoch0002.png"]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     header, *rows = (run / "log.csv").read_text().splitlines()
     assert header.startswith("iteration,epoch,seconds,img_per_s,d_loss,d_wdist,d_gp,d_class_identity,d_acc_identity")
     assert [r.split(",")[0] for r in rows] == ["2", "4", "6", "8"]
@@ -504,9 +506,10 @@ def _killed_at(iteration: int):
     return hook
 
 
-def test_resume_is_bit_for_bit(tmp_path, monkeypatch):
+@pytest.mark.parametrize("options", [(), ("lr_decay_iters=5",)], ids=["constant-rates", "lr-decay"])
+def test_resume_is_bit_for_bit(tmp_path, monkeypatch, options):
     data = synth()
-    cfg = tiny_config()  # 4 iterations per epoch, 8 in all; checkpoints at 3, 4, 6, 8; bf16 autocast
+    cfg = tiny_config(*options)  # 4 iterations per epoch, 8 in all; checkpoints at 3, 4, 6, 8; bf16 autocast
     train(data, cfg, tmp_path / "straight")
 
     monkeypatch.setattr(loop, "_after_iteration", _killed_at(7))  # last checkpoint: iteration 6, mid-epoch
@@ -551,6 +554,48 @@ def test_resume_with_other_config_or_data_is_refused(tmp_path):
     # longer training is allowed: it continues from iteration 4
     train(synth(), tiny_config("epochs=2"), run, resume=True)
     assert load_checkpoint(run / "checkpoint.safetensors")[1]["iteration"] == 8
+
+
+def test_lr_scale_is_constant_then_falls_linearly_over_the_last_decay_iters():
+    total, decay = 10, 4
+    for i in range(total):
+        remaining = total - i  # updates left, this one included
+        expected = 1.0 if remaining > decay else remaining / decay
+        assert lr_scale(i, total, decay) == pytest.approx(expected)
+    assert [lr_scale(i, total, 0) for i in range(total)] == [1.0] * total  # the paper's constant rates
+    assert lr_scale(0, 3, 6) == pytest.approx(0.5)  # a decay longer than the run starts part-way down
+
+
+def test_resume_with_a_learning_rate_decay(tmp_path):
+    """A constant-rate run resumed with a decay: the decay falls at the end of the longer run, the log
+    keeps the first segment's rows under the new columns, and the last update used 1/decay of the rates."""
+    run = tmp_path / "run"
+    train(synth(), tiny_config("epochs=1"), run)  # 4 iterations at constant rates
+    train(synth(), tiny_config("epochs=2", "lr_decay_iters=3"), run, resume=True)
+    meta = load_checkpoint(run / "checkpoint.safetensors")[1]
+    cfg = tiny_config()
+    assert meta["iteration"] == 8
+    assert meta["opt_D"][0]["lr"] == pytest.approx(cfg.lr_d / 3) and meta["opt_G"][0]["lr"] == pytest.approx(cfg.lr_g / 3)
+    rows = [r.split(",") for r in (run / "log.csv").read_text().splitlines()]
+    header, rows = rows[0], rows[1:]
+    scale = [r[header.index("lr_scale")] for r in rows]
+    d_loss = [r[header.index("d_loss")] for r in rows]
+    iterations = [int(r[0]) for r in rows]
+    assert iterations == sorted(iterations) and iterations[-1] == 8 and all(d_loss)
+    for it, s in zip(iterations, scale):  # logged: the factor of the row's last update
+        assert s == "" if it <= 4 else float(s) == pytest.approx(lr_scale(it - 1, 8, 3), abs=1e-5)
+
+
+def test_a_log_that_is_not_a_training_log_is_refused(tmp_path):
+    (tmp_path / "notes.csv").write_text("name,value\nx,1\n")
+    (tmp_path / "torn.csv").write_text("iteration,d_loss\n2,0.5\n4,abc\n")
+    with pytest.raises(FaceganError, match=r"notes.csv: not a facegan training log"):
+        plot_training_log(tmp_path / "notes.csv", tmp_path / "curves.png")
+    with pytest.raises(FaceganError, match=r"torn.csv: a row is not numbers"):
+        plot_training_log(tmp_path / "torn.csv", tmp_path / "curves.png")
+    with pytest.raises(FaceganError, match=r"missing.csv: cannot read the training log"):
+        plot_training_log(tmp_path / "missing.csv", tmp_path / "curves.png")
+    assert not (tmp_path / "curves.png").exists()
 
 
 def test_codec_state_is_stored_with_the_model(tmp_path):

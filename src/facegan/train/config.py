@@ -23,10 +23,11 @@ D_NORMS = ("layer", "instance", "none")
 DESCRIPTORS = ("head", "linear")
 GENERATORS = ("joint", "additive")
 
-# Keys that may differ between a run and its resumption: they change neither the models nor the
-# order of random draws, only how long the run lasts, how fast, and how often it reports.
-RESUMABLE_KEYS = frozenset({"epochs", "max_iters", "ckpt_every_iters", "ckpt_every_epochs", "sample_every_epochs",
-                            "log_every", "sample_grid", "progress", "retain_heap"})
+# Keys that may differ between a run and its resumption: they change neither the networks nor the
+# order of random draws, only how long the run lasts (and so where its learning-rate decay falls), the
+# decay's length, how fast it runs, and how often it reports.
+RESUMABLE_KEYS = frozenset({"epochs", "max_iters", "lr_decay_iters", "ckpt_every_iters", "ckpt_every_epochs",
+                            "sample_every_epochs", "log_every", "sample_grid", "progress", "retain_heap"})
 
 
 @dataclass
@@ -60,6 +61,9 @@ class TrainConfig:
     d_steps: int = 3
     lr_g: float = 2e-4
     lr_d: float = 2e-4
+    # beyond the paper (constant rates, 0): both rates fall linearly over the last lr_decay_iters
+    # iterations of the run (docs/training.md, "Learning-rate decay")
+    lr_decay_iters: int = 0
     beta1: float = 0.5
     beta2: float = 0.999
     gp_weight: float = 10.0
@@ -156,6 +160,8 @@ class TrainConfig:
             raise FaceganError("config recombine_novel needs recombine > 0")
         if self.lambda_pair < 0:
             raise FaceganError(f"config lambda_pair={self.lambda_pair}: must be >= 0")
+        if self.lr_decay_iters < 0:
+            raise FaceganError(f"config lr_decay_iters={self.lr_decay_iters}: must be >= 0 (0 = constant rates)")
         if self.max_iters < 0:
             raise FaceganError(f"config max_iters={self.max_iters}: must be >= 0 (0 = no limit)")
         if not 0.0 <= self.ema_beta < 1.0:

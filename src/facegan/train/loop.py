@@ -42,6 +42,7 @@ from facegan.nn.losses import (BatchPlan, CodeBatch, FaceGANLoss, LossWeights, V
 from facegan.nn.networks import Discriminator, Generator, stack_pairs
 from facegan.train import checkpoint as ckpt
 from facegan.train.config import TrainConfig, config_differences
+from facegan.train.curves import plot_training_log
 from facegan.train.data import (EXPRESSION, LinearDescriptor, TrainingImages, fit_linear_descriptor,
                                 identity_shape_images, recombine_identities, residual_descriptors,
                                 shared_expression_pairs, to_network, to_uint8)
@@ -50,6 +51,7 @@ CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 LOG_NAME = "log.csv"
+CURVES_NAME = "curves.png"
 
 # Test hook: called with the iteration count after each completed iteration (after its checkpoint).
 _after_iteration: Callable[[int], None] | None = None
@@ -134,6 +136,15 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
+def lr_scale(iteration: int, total_iters: int, decay_iters: int) -> float:
+    """Factor on both learning rates for update ``iteration`` (0-based) of a ``total_iters`` run: 1, then
+    (total_iters - iteration) / decay_iters over the last ``decay_iters`` updates, so the last update
+    still moves by 1/decay_iters of the rate. ``decay_iters = 0``: constant rates, as in the paper."""
+    if decay_iters <= 0:
+        return 1.0
+    return min(1.0, (total_iters - iteration) / decay_iters)
+
+
 def make_autocast(amp: str, device: torch.device) -> Callable[[], ContextManager]:
     if amp == "none":
         return contextlib.nullcontext
@@ -184,10 +195,12 @@ class Meter:
 
 
 def log_columns(spec: VariantSpec, names: list[str], descriptor: bool = False, prototypes: bool = False,
-                pair_critic: bool = False) -> list[str]:
+                pair_critic: bool = False, lr_decay: bool = False) -> list[str]:
     """CSV columns for a variant (with D's expression-descriptor regression or not, with the prototype loss
-    or not, with the pair critic or not): fixed up front so every row has the same layout."""
-    cols = ["iteration", "epoch", "seconds", "img_per_s", "d_loss", "d_wdist", "d_gp"]
+    or not, with the pair critic or not, with a learning-rate decay or not): fixed up front so every row
+    has the same layout."""
+    cols = ["iteration", "epoch", "seconds", "img_per_s"] + (["lr_scale"] if lr_decay else []) + [
+        "d_loss", "d_wdist", "d_gp"]
     if pair_critic:
         cols += ["d_pair_wdist", "d_pair_gp"]
     for k in spec.classified:
@@ -294,7 +307,7 @@ class Trainer:
         self.grid_codes = self._grid_codes()
         self.meter = Meter()
         self.columns = log_columns(self.spec, self.factors, self.descriptors is not None, cfg.descriptor_prototypes,
-                                   cfg.pair_critic)
+                                   cfg.pair_critic, cfg.lr_decay_iters > 0)
 
     # ---------------------------------------------------------------------------------------- setup
 
@@ -378,6 +391,10 @@ class Trainer:
     def train_iteration(self, perm: torch.Tensor) -> None:
         """One iteration: ``d_steps`` D steps on fresh real batches, then one G step and the EMA update."""
         cfg, spec = self.cfg, self.spec
+        scale = lr_scale(self.iteration, self.total_iters, cfg.lr_decay_iters)
+        for opt, lr in ((self.opt_D, cfg.lr_d), (self.opt_G, cfg.lr_g)):
+            for group in opt.param_groups:
+                group["lr"] = lr * scale
         position = self.iteration % self.iters_per_epoch
         d_plan = plan_batch(spec, self.iteration, for_discriminator=True)
         for s in range(cfg.d_steps):
@@ -494,6 +511,7 @@ class Trainer:
         if self.env.is_main:
             tensors.update(self.model_tensors())
             ckpt.save_checkpoint(self.ckpt_path, tensors, meta)
+            plot_training_log(self.run_dir / LOG_NAME, self.run_dir / CURVES_NAME)
 
     def _check_ranks_agree(self) -> None:
         """Cheap guard that DDP kept the replicas identical: compare a weighted parameter sum."""
@@ -530,7 +548,8 @@ class Trainer:
             write_png(folder / f"epoch{epoch:04d}_meshes.png", tile(rendered.astype(np.uint8), m, m))
 
     def _open_log(self, resuming: bool) -> None:
-        """Create log.csv, or on resume drop rows logged after the checkpoint the run resumes from."""
+        """Create log.csv, or on resume drop rows logged after the checkpoint the run resumes from. Rows
+        of a log with other columns (a run resumed with a learning-rate decay) keep their values by name."""
         if not self.env.is_main:
             return
         path = self.run_dir / LOG_NAME
@@ -539,8 +558,10 @@ class Trainer:
             with path.open(newline="") as fh:
                 reader = csv.reader(fh)
                 header = next(reader, None)
-                if header == self.columns:
-                    rows = [r for r in reader if r and int(r[0]) <= self.iteration]
+                if header and header[0] == "iteration":
+                    where = {name: i for i, name in enumerate(header)}
+                    rows = [[r[where[c]] if c in where else "" for c in self.columns]
+                            for r in reader if r and int(r[0]) <= self.iteration]
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(self.columns)
@@ -550,7 +571,8 @@ class Trainer:
 
     def _log(self, values: dict[str, float], seconds: float, img_per_s: float) -> None:
         row = {"iteration": self.iteration, "epoch": self.iteration / self.iters_per_epoch,
-               "seconds": round(seconds, 2), "img_per_s": round(img_per_s, 1), **values}
+               "seconds": round(seconds, 2), "img_per_s": round(img_per_s, 1),
+               "lr_scale": lr_scale(self.iteration - 1, self.total_iters, self.cfg.lr_decay_iters), **values}
         with (self.run_dir / LOG_NAME).open("a", newline="") as fh:
             csv.writer(fh).writerow(["" if (v := row.get(c)) is None or (isinstance(v, float) and math.isnan(v))
                                      else (f"{v:.6g}" if isinstance(v, float) else v) for c in self.columns])
@@ -621,7 +643,8 @@ def train(data: TrainingImages, cfg: TrainConfig, run_dir: Path, resume: bool = 
     where its last checkpoint stopped (the config may differ only in length/reporting keys, the data not
     at all); codec_state: (tensors, JSON meta) of the lead's geometry-image codec, stored with the model;
     preview: normalized fakes (B, 3, H, W) -> rendered uint8 (B, h, w, 3), called once per epoch.
-    Files: config.json, log.csv, samples/epochNNNN.png, checkpoint.safetensors, model.safetensors.
+    Files: config.json, log.csv, curves.png (the log drawn, at each checkpoint), samples/epochNNNN.png,
+    checkpoint.safetensors, model.safetensors.
     Under torchrun (WORLD_SIZE > 1) every rank must call this; rank 0 writes the files.
     """
     env = DistEnv.setup()
