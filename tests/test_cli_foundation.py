@@ -138,3 +138,16 @@ def test_bad_input_is_one_error_line_and_nothing_written(work, tmp_path):
     assert_user_error(results[3], str(tmp_path / "four.npy"), "64x64x4", "64x64x3")
     assert_user_error(results[4], "no_such_data", "not a facegan dataset")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad_meshes", "four.npy", "short.obj", "small.png"]
+
+
+def test_curves_draws_a_run_log_and_refuses_other_files(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text("iteration,epoch,seconds,img_per_s,d_loss,d_wdist,d_gp,g_loss,g_gan\n"
+                                 "25,1,10,150,0.5,2.0,0.1,-3,-3\n50,2,20,151,0.4,2.1,0.1,-4,-4\n")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    ok, bad = run_all(("curves", run), ("curves", tmp_path / "other.csv", "-o", tmp_path / "other.png"), cwd=tmp_path)
+    assert_ok(ok)
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert_user_error(bad, "other.csv", "not a facegan training log")
+    assert not (tmp_path / "other.png").exists()

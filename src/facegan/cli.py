@@ -199,6 +199,20 @@ def export_model(
 
 
 @app.command()
+def curves(
+    run: Path = typer.Argument(..., help="A training run folder (its log.csv), or a log.csv."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="PNG to write (default: curves.png beside the log)."),
+) -> None:
+    """Draw a run's training log (losses, accuracies, speed, learning rate) as a PNG, e.g. while it trains."""
+    from facegan.train.curves import plot_training_log
+
+    log = run / "log.csv" if run.is_dir() else run
+    out = out or log.with_name("curves.png")
+    plot_training_log(log, out)
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
 def fit(
     meshes: List[Path] = typer.Argument(None, help="Registered meshes (OBJ/PLY) to fit."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (fits, codes, errors.csv, PNGs)."),

@@ -17,8 +17,8 @@ PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("D: classification loss of the real faces", ("d_class_", "d_descriptor_"), ()),
     ("D: classification accuracy of the real faces", ("d_acc_",), ()),
     ("G: adversarial and classification terms", ("g_gan", "g_pair", "g_class_", "g_proto_"), ()),
-    ("G: feature loss (1 - cosine, left) and TV (right)", ("g_feat_",), ("g_tv",)),
-    ("speed (images/s, left) and learning-rate factor (right)", ("img_per_s",), ("lr_scale",)),
+    ("G: feature loss (1 - cosine) and TV", ("g_feat_",), ("g_tv",)),
+    ("speed (images/s)", ("img_per_s",), ("lr_scale",)),
 )
 
 
@@ -57,7 +57,7 @@ def plot_training_log(log_path: str | os.PathLike, png_path: str | os.PathLike) 
             twin = axes.twinx()
             twin.tick_params(labelsize=7)
             handles += [twin.plot(log["iteration"], log[c], label=c, linewidth=1, color="black")[0] for c in right]
-        axes.set_title(title, fontsize=9)
+        axes.set_title(title + (f"; right axis: {', '.join(right)}" if right else ""), fontsize=9)
         axes.set_xlabel("iteration", fontsize=8)
         axes.tick_params(labelsize=7)
         axes.grid(alpha=0.3)
