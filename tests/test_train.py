@@ -568,9 +568,12 @@ def test_lr_scale_is_constant_then_falls_linearly_over_the_last_decay_iters():
 
 def test_resume_with_a_learning_rate_decay(tmp_path):
     """A constant-rate run resumed with a decay: the decay falls at the end of the longer run, the log
-    keeps the first segment's rows under the new columns, and the last update used 1/decay of the rates."""
+    keeps the first segment's whole rows under the new columns, and the last update used 1/decay of the
+    rates."""
     run = tmp_path / "run"
     train(synth(), tiny_config("epochs=1"), run)  # 4 iterations at constant rates
+    with (run / "log.csv").open("a") as fh:
+        fh.write("1")  # a row cut short by a kill while it was written (iteration 1x): dropped on resume
     train(synth(), tiny_config("epochs=2", "lr_decay_iters=3"), run, resume=True)
     meta = load_checkpoint(run / "checkpoint.safetensors")[1]
     cfg = tiny_config()

@@ -560,8 +560,9 @@ class Trainer:
                 header = next(reader, None)
                 if header and header[0] == "iteration":
                     where = {name: i for i, name in enumerate(header)}
-                    rows = [[r[where[c]] if c in where else "" for c in self.columns]
-                            for r in reader if r and int(r[0]) <= self.iteration]
+                    # a row cut short by a kill mid-write is dropped with the rows past the checkpoint
+                    rows = [[r[where[c]] if c in where else "" for c in self.columns] for r in reader
+                            if len(r) == len(header) and r[0].isdigit() and int(r[0]) <= self.iteration]
         buffer = io.StringIO()
         writer = csv.writer(buffer)
         writer.writerow(self.columns)
