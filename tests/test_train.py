@@ -15,6 +15,7 @@ from facegan.errors import FaceganError
 from facegan.fit.fitting import FoldedGenerator, fitting_network
 from facegan.model import FaceModel
 from facegan.train import loop
+from facegan.train.board import scalar_tag
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
 from facegan.train.config import TrainConfig, apply_overrides, config_differences, make_config
 from facegan.train.curves import plot_training_log
@@ -599,6 +600,41 @@ def test_a_log_that_is_not_a_training_log_is_refused(tmp_path):
     with pytest.raises(FaceganError, match=r"missing.csv: cannot read the training log"):
         plot_training_log(tmp_path / "missing.csv", tmp_path / "curves.png")
     assert not (tmp_path / "curves.png").exists()
+
+
+def test_tensorboard_events_hold_the_log_and_a_resume_drops_the_killed_process_events(tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = tiny_config("tensorboard=true", "log_every=1")  # checkpoints at 3, 4, 6, 8
+    monkeypatch.setattr(loop, "_after_iteration", _killed_at(7))  # iteration 7 is logged, then lost
+    with pytest.raises(KeyboardInterrupt):
+        train(synth(), cfg, tmp_path / "run")
+    monkeypatch.setattr(loop, "_after_iteration", None)
+    train(synth(), cfg, tmp_path / "run", resume=True)
+
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    header, *rows = [r.split(",") for r in (tmp_path / "run" / "log.csv").read_text().splitlines()]
+    for column in ("d_wdist", "g_gan", "d_acc_identity"):
+        logged = [(int(r[0]), float(r[header.index(column)])) for r in rows]
+        assert [(e.step, pytest.approx(e.value, rel=1e-4)) for e in events.Scalars(scalar_tag(column))] == logged
+    assert [e.step for e in events.Scalars("run/img_per_s")] == list(range(1, 9))
+    assert len(events.Images("samples/geometry_images")) == 2  # one grid per epoch
+
+
+def test_tensorboard_without_the_package_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    with pytest.raises(FaceganError, match=r"tensorboard=true needs the tensorboard package: pip install"):
+        train(synth(), tiny_config("tensorboard=true"), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_codec_state_is_stored_with_the_model(tmp_path):

@@ -27,7 +27,8 @@ GENERATORS = ("joint", "additive")
 # order of random draws, only how long the run lasts (and so where its learning-rate decay falls), the
 # decay's length, how fast it runs, and how often it reports.
 RESUMABLE_KEYS = frozenset({"epochs", "max_iters", "lr_decay_iters", "ckpt_every_iters", "ckpt_every_epochs",
-                            "sample_every_epochs", "log_every", "sample_grid", "progress", "retain_heap"})
+                            "sample_every_epochs", "log_every", "sample_grid", "progress", "retain_heap",
+                            "tensorboard"})
 
 
 @dataclass
@@ -114,6 +115,7 @@ class TrainConfig:
     log_every: int = 25
     sample_grid: int = 8  # the sample grid is sample_grid x sample_grid
     progress: bool = True
+    tensorboard: bool = False  # also write log.csv's statistics and the sample grids as TensorBoard events
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -41,6 +41,7 @@ from facegan.nn.losses import (BatchPlan, CodeBatch, FaceGANLoss, LossWeights, V
                                plan_batch, sample_codes)
 from facegan.nn.networks import Discriminator, Generator, stack_pairs
 from facegan.train import checkpoint as ckpt
+from facegan.train.board import Board, require_tensorboard
 from facegan.train.config import TrainConfig, config_differences
 from facegan.train.curves import plot_training_log
 from facegan.train.data import (EXPRESSION, LinearDescriptor, TrainingImages, fit_linear_descriptor,
@@ -242,6 +243,9 @@ class Trainer:
         self.class_names = data.class_names
         self.codec_tensors, self.codec_meta = codec_state if codec_state is not None else ({}, {})
         self._check_batch(len(data))
+        if cfg.tensorboard and env.is_main:
+            require_tensorboard()
+        self.board: Board | None = None
 
         self.device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
         if self.device.type == "cuda":
@@ -539,13 +543,19 @@ class Trainer:
         fake = self.G_ema(self.grid_codes.z())
         folder = self.run_dir / "samples"
         pixels = to_uint8(fake) * self.mask.cpu()[None, :, :, None]  # 0 outside the chart, like the data
-        write_png(folder / f"epoch{epoch:04d}.png", tile(pixels.numpy(), s, s))
+        grid = tile(pixels.numpy(), s, s)
+        write_png(folder / f"epoch{epoch:04d}.png", grid)
+        if self.board is not None:
+            self.board.image("samples/geometry_images", self.iteration, grid)
         if self.preview is not None:
             # a sub-grid: rendering meshes is slower than the training step it interrupts
             m = min(s, 4)
             pick = (torch.arange(m)[:, None] * s + torch.arange(m)[None, :]).flatten().to(self.device)
             rendered = np.asarray(self.preview(fake[pick].float()))
-            write_png(folder / f"epoch{epoch:04d}_meshes.png", tile(rendered.astype(np.uint8), m, m))
+            meshes = tile(rendered.astype(np.uint8), m, m)
+            write_png(folder / f"epoch{epoch:04d}_meshes.png", meshes)
+            if self.board is not None:
+                self.board.image("samples/meshes", self.iteration, meshes)
 
     def _open_log(self, resuming: bool) -> None:
         """Create log.csv, or on resume drop rows logged after the checkpoint the run resumes from. Rows
@@ -574,6 +584,8 @@ class Trainer:
         row = {"iteration": self.iteration, "epoch": self.iteration / self.iters_per_epoch,
                "seconds": round(seconds, 2), "img_per_s": round(img_per_s, 1),
                "lr_scale": lr_scale(self.iteration - 1, self.total_iters, self.cfg.lr_decay_iters), **values}
+        if self.board is not None:
+            self.board.scalars(self.iteration, {c: row[c] for c in self.columns[2:] if c in row})
         with (self.run_dir / LOG_NAME).open("a", newline="") as fh:
             csv.writer(fh).writerow(["" if (v := row.get(c)) is None or (isinstance(v, float) and math.isnan(v))
                                      else (f"{v:.6g}" if isinstance(v, float) else v) for c in self.columns])
@@ -586,6 +598,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             # on resume only RESUMABLE_KEYS can differ: record the run's current length/reporting
             write_json(self.run_dir / CONFIG_NAME, cfg.to_dict())
+            if cfg.tensorboard:
+                self.board = Board(self.run_dir, self.iteration if self.resumed else None)
         self._open_log(self.resumed)
         from tqdm import tqdm
 
@@ -629,6 +643,8 @@ class Trainer:
             path = self.export_model()
         finally:
             bar.close()
+            if self.board is not None:
+                self.board.close()
         if env.world > 1:
             dist.barrier()
         return path
@@ -645,7 +661,7 @@ def train(data: TrainingImages, cfg: TrainConfig, run_dir: Path, resume: bool = 
     at all); codec_state: (tensors, JSON meta) of the lead's geometry-image codec, stored with the model;
     preview: normalized fakes (B, 3, H, W) -> rendered uint8 (B, h, w, 3), called once per epoch.
     Files: config.json, log.csv, curves.png (the log drawn, at each checkpoint), samples/epochNNNN.png,
-    checkpoint.safetensors, model.safetensors.
+    checkpoint.safetensors, model.safetensors, and with ``tensorboard`` the event files in tensorboard/.
     Under torchrun (WORLD_SIZE > 1) every rank must call this; rank 0 writes the files.
     """
     env = DistEnv.setup()
