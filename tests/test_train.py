@@ -507,7 +507,8 @@ def _killed_at(iteration: int):
     return hook
 
 
-@pytest.mark.parametrize("options", [(), ("lr_decay_iters=5",)], ids=["constant-rates", "lr-decay"])
+@pytest.mark.parametrize("options", [(), ("lr_decay_iters=5",), ("lambda_rec=1.0",)],
+                         ids=["constant-rates", "lr-decay", "real-face-codes"])
 def test_resume_is_bit_for_bit(tmp_path, monkeypatch, options):
     data = synth()
     cfg = tiny_config(*options)  # 4 iterations per epoch, 8 in all; checkpoints at 3, 4, 6, 8; bf16 autocast
@@ -664,7 +665,8 @@ def _ddp_worker(rank: int, world: int, port: int, out: str, options: tuple[str, 
     train(synth(), tiny_config(*options), Path(out))
 
 
-@pytest.mark.parametrize("options", [(), ("pair_critic=true", "recombine=0.5")], ids=["paper", "pair-critic"])
+@pytest.mark.parametrize("options", [(), ("pair_critic=true", "recombine=0.5"), ("lambda_rec=1.0",)],
+                         ids=["paper", "pair-critic", "real-face-codes"])
 def test_ddp_two_processes(tmp_path, options):
     mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path / "run"), options), nprocs=2, join=True)
     tensors, meta = load_checkpoint(tmp_path / "run" / "checkpoint.safetensors")

@@ -307,6 +307,17 @@ def total_variation(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (dy.sum() + dx.sum()) / x.shape[0]
 
 
+def reconstruction_loss(fake: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute difference over the chart's pixels and channels of each pair (fake_i, real_i), averaged
+    over the batch (beyond the paper: ``lambda_rec``, facegan.train.reconstruction). L1 like Eq. 12's
+    per-vertex norms rather than squared: a few hard pixels do not dominate.
+    fake, real: (B, 3, R, R) network space; mask: (R, R) bool or float.
+    """
+    m = mask.to(torch.float32)
+    per_face = ((fake.float() - real.float()).abs() * m).sum(dim=(1, 2, 3)) / (3 * m.sum())
+    return per_face.mean()
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 

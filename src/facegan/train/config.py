@@ -99,6 +99,11 @@ class TrainConfig:
     # faces wearing one expression residual on two identities (docs/training.md, "Pair critic"); G's weight
     pair_critic: bool = False
     lambda_pair: float = 1.0
+    # beyond the paper: G also reproduces the real faces from their codes, refined by rec_steps Adam steps of
+    # rate rec_lr at each visit (docs/training.md, "Reconstruction of the real faces"; 0 = off)
+    lambda_rec: float = 0.0
+    rec_steps: int = 4
+    rec_lr: float = 0.1
     ema_beta: float = 0.999  # per generator step, with a (1+t)/(10+t) warm-up
     # length: stop at whichever comes first (0 = no limit on iterations). The small profile is bounded by
     # its time budget (max_iters), not by epochs, whose length depends on the dataset size
@@ -162,6 +167,11 @@ class TrainConfig:
             raise FaceganError("config recombine_novel needs recombine > 0")
         if self.lambda_pair < 0:
             raise FaceganError(f"config lambda_pair={self.lambda_pair}: must be >= 0")
+        if self.lambda_rec < 0:
+            raise FaceganError(f"config lambda_rec={self.lambda_rec}: must be >= 0 (0 = off)")
+        if self.rec_steps < 0 or self.rec_lr <= 0:
+            raise FaceganError(f"config rec_steps={self.rec_steps}, rec_lr={self.rec_lr}: need rec_steps >= 0 "
+                               f"and rec_lr > 0")
         if self.lr_decay_iters < 0:
             raise FaceganError(f"config lr_decay_iters={self.lr_decay_iters}: must be >= 0 (0 = constant rates)")
         if self.max_iters < 0:

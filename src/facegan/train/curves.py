@@ -18,6 +18,7 @@ PANELS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("D: classification accuracy of the real faces", ("d_acc_",), ()),
     ("G: adversarial and classification terms", ("g_gan", "g_pair", "g_class_", "g_proto_"), ()),
     ("G: feature loss (1 - cosine) and TV", ("g_feat_",), ("g_tv",)),
+    ("G: reconstruction of the real faces (mean |error|, network units)", ("g_rec",), ()),
     ("speed (images/s)", ("img_per_s",), ("lr_scale",)),
 )
 

@@ -38,7 +38,7 @@ from facegan.device import retain_freed_memory
 from facegan.errors import FaceganError
 from facegan.fileio import atomic_path, read_json, write_json
 from facegan.nn.losses import (BatchPlan, CodeBatch, FaceGANLoss, LossWeights, VariantSpec, class_weights,
-                               plan_batch, sample_codes)
+                               plan_batch, reconstruction_loss, sample_codes)
 from facegan.nn.networks import Discriminator, Generator, stack_pairs
 from facegan.train import checkpoint as ckpt
 from facegan.train.board import Board, require_tensorboard
@@ -47,6 +47,7 @@ from facegan.train.curves import plot_training_log
 from facegan.train.data import (EXPRESSION, LinearDescriptor, TrainingImages, fit_linear_descriptor,
                                 identity_shape_images, recombine_identities, residual_descriptors,
                                 shared_expression_pairs, to_network, to_uint8)
+from facegan.train.reconstruction import pinned_codes, refine_codes
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 MODEL_NAME = "model.safetensors"
@@ -196,10 +197,10 @@ class Meter:
 
 
 def log_columns(spec: VariantSpec, names: list[str], descriptor: bool = False, prototypes: bool = False,
-                pair_critic: bool = False, lr_decay: bool = False) -> list[str]:
+                pair_critic: bool = False, lr_decay: bool = False, reconstruction: bool = False) -> list[str]:
     """CSV columns for a variant (with D's expression-descriptor regression or not, with the prototype loss
-    or not, with the pair critic or not, with a learning-rate decay or not): fixed up front so every row
-    has the same layout."""
+    or not, with the pair critic or not, with a learning-rate decay or not, with the reconstruction of the
+    real faces or not): fixed up front so every row has the same layout."""
     cols = ["iteration", "epoch", "seconds", "img_per_s"] + (["lr_scale"] if lr_decay else []) + [
         "d_loss", "d_wdist", "d_gp"]
     if pair_critic:
@@ -217,6 +218,8 @@ def log_columns(spec: VariantSpec, names: list[str], descriptor: bool = False, p
         cols += [f"g_feat_{names[k]}" for k in spec.classified]
     if spec.tv:
         cols.append("g_tv")
+    if reconstruction:
+        cols.append("g_rec")
     return cols
 
 
@@ -293,6 +296,9 @@ class Trainer:
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2), fused=fused)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2), fused=fused)
         self.sample_gen = torch.Generator(self.device).manual_seed(cfg.seed * 1009 + 17 + env.rank)
+        # the free part of each real face's code (facegan.train.reconstruction); starts at the prior's mode
+        self.real_codes = (torch.zeros(len(data), sum(self.code_sizes) + cfg.noise_size, device=self.device)
+                           if cfg.lambda_rec else None)
         self.iteration = 0
         self.resumed = saved is not None
         if saved is not None:
@@ -311,7 +317,7 @@ class Trainer:
         self.grid_codes = self._grid_codes()
         self.meter = Meter()
         self.columns = log_columns(self.spec, self.factors, self.descriptors is not None, cfg.descriptor_prototypes,
-                                   cfg.pair_critic, cfg.lr_decay_iters > 0)
+                                   cfg.pair_critic, cfg.lr_decay_iters > 0, cfg.lambda_rec > 0)
 
     # ---------------------------------------------------------------------------------------- setup
 
@@ -365,6 +371,8 @@ class Trainer:
         if self.device.type == "cuda" and "rng.torch_cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
         self.sample_gen.set_state(tensors[f"rng.sample.rank{self.env.rank}"])
+        if self.real_codes is not None:
+            self.real_codes = tensors["real_codes"].to(self.device)
         self.iteration = int(meta["iteration"])
 
     def _grid_codes(self) -> CodeBatch:
@@ -430,6 +438,8 @@ class Trainer:
         batch = sample_codes(self.local_batch, plan_batch(spec, self.iteration), self.fixed_codes,
                              self.class_choices, cfg.noise_size, self.sample_gen)
         self.opt_G.zero_grad(set_to_none=True)
+        if self.real_codes is not None:
+            self._reconstruction_backward(idx)
         loss, stats = self.loss.generator_loss(self.G_sync, self.D, batch)
         # inputs=: only G's gradients; D's weight gradients are neither computed nor accumulated
         loss.backward(inputs=list(self.G.parameters()))
@@ -437,6 +447,36 @@ class Trainer:
         self.meter.add(stats)
         self._update_ema()
         self.iteration += 1
+
+    def _reconstruction_backward(self, idx: torch.Tensor) -> None:
+        """Refine the codes of the real faces ``idx`` (B,) (the last D step's batch), store them, and
+        accumulate lambda_rec x their reconstruction loss into G's gradients (synchronized across processes
+        with the G loss's backward that follows)."""
+        cfg = self.cfg
+        real = to_network(self.images[idx], self.mask)
+        values, pinned = pinned_codes([lab[idx] for lab in self.labels], self.fixed_codes, cfg.noise_size)
+        start = torch.where(pinned, values, self.real_codes[idx])
+        z = refine_codes(self.G, start, pinned, real, self.mask, cfg.rec_steps, cfg.rec_lr, self.loss.autocast)
+        self._store_real_codes(idx, z)
+        deferred = self.G_sync.no_sync() if self.env.world > 1 else contextlib.nullcontext()
+        with deferred:  # the reduction happens once, in the G loss's backward
+            with self.loss.autocast():
+                fake = self.G_sync(z)
+            rec = reconstruction_loss(fake, real, self.mask)
+            (cfg.lambda_rec * rec).backward(inputs=list(self.G.parameters()))
+        self.meter.add({"g_rec": (rec.detach(), 1.0)})
+
+    def _store_real_codes(self, idx: torch.Tensor, z: torch.Tensor) -> None:
+        """Write refined codes back to the table; with several processes every rank writes every rank's rows
+        (the ranks' batches are disjoint slices of the epoch's permutation), so the tables stay equal."""
+        if self.env.world > 1:
+            on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+            rows = [torch.empty_like(idx, device=on) for _ in range(self.env.world)]
+            codes = [torch.empty_like(z, device=on) for _ in range(self.env.world)]
+            dist.all_gather(rows, idx.to(on))
+            dist.all_gather(codes, z.to(on))
+            idx, z = torch.cat(rows).to(self.device), torch.cat(codes).to(self.device)
+        self.real_codes[idx] = z
 
     @torch.no_grad()
     def _critic_pairs(self, real: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -474,6 +514,8 @@ class Trainer:
         opt_d, groups_d = ckpt.optimizer_tensors("opt_D", self.opt_D)
         tensors.update(opt_g)
         tensors.update(opt_d)
+        if self.real_codes is not None:
+            tensors["real_codes"] = self.real_codes
         tensors["rng.torch_cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.torch_cuda"] = torch.cuda.get_rng_state(self.device)
@@ -518,10 +560,12 @@ class Trainer:
             plot_training_log(self.run_dir / LOG_NAME, self.run_dir / CURVES_NAME)
 
     def _check_ranks_agree(self) -> None:
-        """Cheap guard that DDP kept the replicas identical: compare a weighted parameter sum."""
+        """Cheap guard that DDP kept the replicas identical: compare a weighted parameter sum (and the real faces' codes)."""
         with torch.no_grad():
             probe = torch.stack([sum(p.double().sum() * (i + 1) for i, p in enumerate(m.parameters()))
                                  for m in (self.G, self.D)]).float()
+            if self.real_codes is not None:
+                probe = torch.cat([probe, self.real_codes.sum()[None]])
         on = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
         parts = [torch.empty_like(probe, device=on) for _ in range(self.env.world)]
         dist.all_gather(parts, probe.to(on))

@@ -1,0 +1,104 @@
+"""The reconstruction of the real faces (beyond the paper; facegan.train.reconstruction): the loss, the pinned
+codes, the refinement of the free codes, and training with it."""
+
+import contextlib
+import csv
+
+import pytest
+import torch
+
+from facegan.errors import FaceganError
+from facegan.nn.losses import reconstruction_loss
+from facegan.nn.networks import Generator
+from facegan.train.checkpoint import load_checkpoint
+from facegan.train.data import MISSING
+from facegan.train.loop import train
+from facegan.train.reconstruction import pinned_codes, refine_codes
+from test_train import synth, tiny_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_reconstruction_loss_is_the_mean_absolute_error_over_the_chart():
+    mask = torch.tensor([[True, False], [True, True]])  # 3 chart pixels, 9 values per face
+    real = torch.zeros(2, 3, 2, 2)
+    fake = torch.zeros(2, 3, 2, 2)
+    fake[0, :, 0, 0] = torch.tensor([0.3, -0.3, 0.3])  # face 0: |error| sum 0.9 over the chart
+    fake[0, :, 0, 1] = 5.0  # outside the chart: ignored
+    fake[1, 2, 1, 1] = -1.8  # face 1: 1.8
+    expected = (0.9 / 9 + 1.8 / 9) / 2
+    assert reconstruction_loss(fake, real, mask).item() == pytest.approx(expected)
+
+
+def test_pinned_codes_are_the_fixed_codes_of_the_labeled_factors_and_nothing_else():
+    g = torch.Generator().manual_seed(0)
+    fixed = [torch.randn(4, 3, generator=g), torch.randn(5, 2, generator=g)]
+    labels = [torch.tensor([2, 0, 3]), torch.tensor([MISSING, 4, MISSING])]
+    values, pinned = pinned_codes(labels, fixed, noise_size=2)
+    assert values.shape == pinned.shape == (3, 3 + 2 + 2)
+    for i in range(3):  # the definition, face by face and factor by factor
+        column = 0
+        for lab, table in zip(labels, fixed):
+            size = table.shape[1]
+            block = slice(column, column + size)
+            if lab[i] == MISSING:
+                assert not pinned[i, block].any() and not values[i, block].any()
+            else:
+                assert pinned[i, block].all() and torch.equal(values[i, block], table[lab[i]])
+            column += size
+        assert not pinned[i, column:].any()  # the noise is always free
+
+
+def tiny_generator() -> tuple[Generator, torch.Tensor]:
+    mask = torch.ones(16, 16, dtype=torch.bool)
+    mask[:2] = False
+    torch.manual_seed(0)
+    return Generator([3, 2], 2, mask, base_channels=4), mask
+
+
+def test_refining_moves_only_the_free_codes_lowers_the_loss_and_leaves_g_alone():
+    generator, mask = tiny_generator()
+    generator.eval()
+    g = torch.Generator().manual_seed(1)
+    start = torch.randn(4, 7, generator=g)
+    pinned = torch.zeros(4, 7, dtype=torch.bool)
+    pinned[:, :3] = True
+    with torch.no_grad():  # faces G reproduces exactly from codes that agree with start where it is pinned
+        real = generator(torch.where(pinned, start, torch.randn(4, 7, generator=g)))
+    before = reconstruction_loss(generator(start), real, mask).item()
+    weights = [p.detach().clone() for p in generator.parameters()]
+
+    refined = refine_codes(generator, start, pinned, real, mask, steps=30, lr=0.05, autocast=contextlib.nullcontext)
+
+    assert torch.equal(refined[pinned], start[pinned])
+    assert not torch.equal(refined[~pinned], start[~pinned])
+    assert reconstruction_loss(generator(refined), real, mask).item() < 0.5 * before
+    assert all(p.grad is None for p in generator.parameters())
+    assert all(torch.equal(p, w) for p, w in zip(generator.parameters(), weights))
+
+
+def test_training_reproduces_the_real_faces_from_codes_pinned_to_their_labels(tmp_path):
+    data = synth()
+    run = tmp_path / "run"
+    train(data, tiny_config("lambda_rec=1.0"), run)
+    tensors, meta = load_checkpoint(run / "checkpoint.safetensors")
+    codes = tensors["real_codes"]
+    assert codes.shape == (len(data), sum(meta["code_sizes"]) + meta["noise_size"])
+
+    visited = codes.abs().sum(dim=1) > 0  # the table starts at 0; each G step refines one real batch
+    assert 0 < visited.sum() < len(data)
+    labels = [data.labels[f] for f in meta["factors"]]
+    fixed = [tensors[f"fixed_codes.{f}"] for f in meta["factors"]]
+    values, pinned = pinned_codes(labels, fixed, meta["noise_size"])
+    assert torch.equal(codes[visited][pinned[visited]], values[visited][pinned[visited]])
+
+    with (run / "log.csv").open() as fh:
+        rec = [float(row["g_rec"]) for row in csv.DictReader(fh)]
+    assert len(rec) == 4 and all(r > 0 for r in rec)
+
+
+def test_reconstruction_settings_are_checked():
+    with pytest.raises(FaceganError, match="lambda_rec"):
+        tiny_config("lambda_rec=-1")
+    with pytest.raises(FaceganError, match="rec_lr"):
+        tiny_config("lambda_rec=1", "rec_lr=0")
