@@ -13,7 +13,7 @@ from facegan.nn.networks import Generator
 from facegan.train.checkpoint import load_checkpoint
 from facegan.train.data import MISSING
 from facegan.train.loop import train
-from facegan.train.reconstruction import pinned_codes, refine_codes
+from facegan.train.reconstruction import limit_to_prior, pinned_codes, refine_codes
 from test_train import synth, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -49,6 +49,20 @@ def test_pinned_codes_are_the_fixed_codes_of_the_labeled_factors_and_nothing_els
         assert not pinned[i, column:].any()  # the noise is always free
 
 
+def test_codes_are_limited_to_the_prior_ball_block_by_block():
+    g = torch.Generator().manual_seed(2)
+    codes = 3 * torch.randn(6, 3 + 2, generator=g)
+    codes[0] = 0.01  # inside every ball: unchanged
+    limited = limit_to_prior(codes, [3, 2], radius=1.0)
+    for i in range(6):  # the definition, block by block
+        for block, size in ((slice(0, 3), 3), (slice(3, 5), 2)):
+            norm = codes[i, block].norm().item()
+            expected = codes[i, block] * min(1.0, size ** 0.5 / norm)
+            assert torch.allclose(limited[i, block], expected, atol=1e-6)
+    assert torch.equal(limited[0], codes[0])
+    assert torch.equal(limit_to_prior(codes, [3, 2], radius=0.0), codes)  # 0 = no limit
+
+
 def tiny_generator() -> tuple[Generator, torch.Tensor]:
     mask = torch.ones(16, 16, dtype=torch.bool)
     mask[:2] = False
@@ -72,6 +86,10 @@ def test_refining_moves_only_the_free_codes_lowers_the_loss_and_leaves_g_alone()
 
     assert torch.equal(refined[pinned], start[pinned])
     assert not torch.equal(refined[~pinned], start[~pinned])
+    far = refine_codes(generator, 10 * start, pinned, real, mask, steps=3, lr=0.05,
+                       autocast=contextlib.nullcontext, sizes=[3, 2, 2], radius=1.0)
+    assert torch.equal(far[pinned], 10 * start[pinned])  # pinned codes are never limited
+    assert (far[:, 3:5].norm(dim=1) <= 2 ** 0.5 + 1e-5).all() and (far[:, 5:].norm(dim=1) <= 2 ** 0.5 + 1e-5).all()
     assert reconstruction_loss(generator(refined), real, mask).item() < 0.5 * before
     assert all(p.grad is None for p in generator.parameters())
     assert all(torch.equal(p, w) for p, w in zip(generator.parameters(), weights))
@@ -102,3 +120,5 @@ def test_reconstruction_settings_are_checked():
         tiny_config("lambda_rec=-1")
     with pytest.raises(FaceganError, match="rec_lr"):
         tiny_config("lambda_rec=1", "rec_lr=0")
+    with pytest.raises(FaceganError, match="rec_radius"):
+        tiny_config("lambda_rec=1", "rec_radius=-1")

@@ -456,7 +456,8 @@ class Trainer:
         real = to_network(self.images[idx], self.mask)
         values, pinned = pinned_codes([lab[idx] for lab in self.labels], self.fixed_codes, cfg.noise_size)
         start = torch.where(pinned, values, self.real_codes[idx])
-        z = refine_codes(self.G, start, pinned, real, self.mask, cfg.rec_steps, cfg.rec_lr, self.loss.autocast)
+        z = refine_codes(self.G, start, pinned, real, self.mask, cfg.rec_steps, cfg.rec_lr, self.loss.autocast,
+                         [*self.code_sizes, cfg.noise_size], cfg.rec_radius)
         self._store_real_codes(idx, z)
         deferred = self.G_sync.no_sync() if self.env.world > 1 else contextlib.nullcontext()
         with deferred:  # the reduction happens once, in the G loss's backward

@@ -5,7 +5,7 @@ training face i has a code z_i (one row of a table), its labeled factors pinned 
 T^k[label] and the rest (unlabeled factors and the noise) free. Each G step takes the real batch of the
 iteration's last D step, refines the free part of its codes by ``rec_steps`` Adam steps on the
 reconstruction loss with G frozen (warm-started from the table, like Eq. 12 fitting from the previous
-visit's answer), writes them back, and adds ``lambda_rec`` x the reconstruction loss of those codes to G's
+visit's answer) within the prior's typical ball, writes them back, and adds ``lambda_rec`` x the reconstruction loss of those codes to G's
 loss. The adversarial loss alone leaves parts of the data G cannot reach (the shipped model fits its own
 training faces to 0.88 mm, docs/fitting.md); this term trains G exactly where fitting needs it, and since
 every face of one person shares T^id, the expression has to come from z_exp.
@@ -42,11 +42,25 @@ def pinned_codes(labels: list[torch.Tensor], fixed_codes: list[torch.Tensor],
     return torch.cat(values, dim=1), torch.cat(pinned, dim=1)
 
 
+def limit_to_prior(codes: torch.Tensor, sizes: list[int], radius: float) -> torch.Tensor:
+    """Each block of ``sizes`` columns of ``codes`` (B, sum(sizes)) scaled back into the ball of radius
+    ``radius * sqrt(size)`` (a standard normal code of that size has a norm of about sqrt(size)); blocks
+    inside it are unchanged. radius 0 = no limit."""
+    if not radius:
+        return codes
+    blocks = torch.split(codes, sizes, dim=1)
+    limited = [b * (radius * size ** 0.5 / b.norm(dim=1, keepdim=True).clamp(min=1e-12)).clamp(max=1.0)
+               for b, size in zip(blocks, sizes)]
+    return torch.cat(limited, dim=1)
+
+
 def refine_codes(generator: torch.nn.Module, codes: torch.Tensor, pinned: torch.Tensor, real: torch.Tensor,
-                 mask: torch.Tensor, steps: int, lr: float,
-                 autocast: Callable[[], ContextManager]) -> torch.Tensor:
+                 mask: torch.Tensor, steps: int, lr: float, autocast: Callable[[], ContextManager],
+                 sizes: list[int] | None = None, radius: float = 0.0) -> torch.Tensor:
     """``steps`` Adam steps on :func:`~facegan.nn.losses.reconstruction_loss` over the free entries of
-    ``codes`` (B, Z) (``pinned`` (B, Z) bool entries stay as given), G's weights untouched.
+    ``codes`` (B, Z) (``pinned`` (B, Z) bool entries stay as given), G's weights untouched; after each step
+    the free codes are limited to the prior's ball (:func:`limit_to_prior` with the block ``sizes`` of the
+    factors and the noise, and ``radius``).
 
     real: (B, 3, R, R) the faces to reproduce, network space; mask: (R, R) chart. Returns the refined
     codes (B, Z), detached. Only the codes' gradient is computed (``autograd.grad``), so no gradient
@@ -62,4 +76,7 @@ def refine_codes(generator: torch.nn.Module, codes: torch.Tensor, pinned: torch.
         (grad,) = torch.autograd.grad(loss, z)
         z.grad = grad * free
         opt.step()
+        if sizes is not None:
+            with torch.no_grad():
+                z.copy_(torch.where(pinned, z, limit_to_prior(z, sizes, radius)))
     return z.detach()
