@@ -99,9 +99,9 @@ class TrainConfig:
     # faces wearing one expression residual on two identities (docs/training.md, "Pair critic"); G's weight
     pair_critic: bool = False
     lambda_pair: float = 1.0
-    # beyond the paper: G also reproduces the real faces from their codes, refined by rec_steps Adam steps of
-    # rate rec_lr at each visit, each free code kept within rec_radius * sqrt(its size) (0 = no limit; docs/training.md,
-    # "Reconstruction of the real faces"; lambda_rec 0 = off)
+    # beyond the paper (lambda_rec 0 = off): G also reproduces the real faces from their codes, refined by
+    # rec_steps Adam steps of rate rec_lr at each visit, each free code kept within rec_radius * sqrt(its size)
+    # (0 = no limit; docs/training.md, "Reconstruction of the real faces")
     lambda_rec: float = 0.0
     rec_steps: int = 4
     rec_lr: float = 0.1
@@ -172,8 +172,8 @@ class TrainConfig:
         if self.lambda_rec < 0:
             raise FaceganError(f"config lambda_rec={self.lambda_rec}: must be >= 0 (0 = off)")
         if self.rec_steps < 0 or self.rec_lr <= 0 or self.rec_radius < 0:
-            raise FaceganError(f"config rec_steps={self.rec_steps}, rec_lr={self.rec_lr}, rec_radius={self.rec_radius}: "
-                               f"need rec_steps >= 0, rec_lr > 0 and rec_radius >= 0")
+            raise FaceganError(f"config rec_steps={self.rec_steps}, rec_lr={self.rec_lr}, "
+                               f"rec_radius={self.rec_radius}: need rec_steps >= 0, rec_lr > 0 and rec_radius >= 0")
         if self.lr_decay_iters < 0:
             raise FaceganError(f"config lr_decay_iters={self.lr_decay_iters}: must be >= 0 (0 = constant rates)")
         if self.max_iters < 0:

@@ -561,7 +561,8 @@ class Trainer:
             plot_training_log(self.run_dir / LOG_NAME, self.run_dir / CURVES_NAME)
 
     def _check_ranks_agree(self) -> None:
-        """Cheap guard that DDP kept the replicas identical: compare a weighted parameter sum (and the real faces' codes)."""
+        """Cheap guard that DDP kept the replicas identical: compare a weighted parameter sum (and the sum of
+        the real faces' codes)."""
         with torch.no_grad():
             probe = torch.stack([sum(p.double().sum() * (i + 1) for i, p in enumerate(m.parameters()))
                                  for m in (self.G, self.D)]).float()

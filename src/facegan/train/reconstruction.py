@@ -5,10 +5,11 @@ training face i has a code z_i (one row of a table), its labeled factors pinned 
 T^k[label] and the rest (unlabeled factors and the noise) free. Each G step takes the real batch of the
 iteration's last D step, refines the free part of its codes by ``rec_steps`` Adam steps on the
 reconstruction loss with G frozen (warm-started from the table, like Eq. 12 fitting from the previous
-visit's answer) within the prior's typical ball, writes them back, and adds ``lambda_rec`` x the reconstruction loss of those codes to G's
-loss. The adversarial loss alone leaves parts of the data G cannot reach (the shipped model fits its own
-training faces to 0.88 mm, docs/fitting.md); this term trains G exactly where fitting needs it, and since
-every face of one person shares T^id, the expression has to come from z_exp.
+visit's answer) within the prior's typical ball, writes them back, and adds ``lambda_rec`` x the
+reconstruction loss of those codes to G's loss. The adversarial loss alone leaves parts of the data G
+cannot reach (the shipped model fits its own training faces to 0.88 mm, docs/fitting.md); this term
+trains G on the faces where fitting will look for them, and since every face of one person shares T^id,
+the expression has to come from z_exp. What it buys: docs/training.md, "Reconstruction of the real faces".
 """
 
 from __future__ import annotations
