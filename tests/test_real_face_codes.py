@@ -82,7 +82,8 @@ def test_refining_moves_only_the_free_codes_lowers_the_loss_and_leaves_g_alone()
     before = reconstruction_loss(generator(start), real, mask).item()
     weights = [p.detach().clone() for p in generator.parameters()]
 
-    refined = refine_codes(generator, start, pinned, real, mask, steps=30, lr=0.05, autocast=contextlib.nullcontext)
+    refined = refine_codes(generator, start, pinned, real, mask, steps=30, lr=0.05, autocast=contextlib.nullcontext,
+                           sizes=[3, 2, 2], radius=0.0)
 
     assert torch.equal(refined[pinned], start[pinned])
     assert not torch.equal(refined[~pinned], start[~pinned])

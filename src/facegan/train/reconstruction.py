@@ -57,11 +57,11 @@ def limit_to_prior(codes: torch.Tensor, sizes: list[int], radius: float) -> torc
 
 def refine_codes(generator: torch.nn.Module, codes: torch.Tensor, pinned: torch.Tensor, real: torch.Tensor,
                  mask: torch.Tensor, steps: int, lr: float, autocast: Callable[[], ContextManager],
-                 sizes: list[int] | None = None, radius: float = 0.0) -> torch.Tensor:
+                 sizes: list[int], radius: float) -> torch.Tensor:
     """``steps`` Adam steps on :func:`~facegan.nn.losses.reconstruction_loss` over the free entries of
     ``codes`` (B, Z) (``pinned`` (B, Z) bool entries stay as given), G's weights untouched; after each step
     the free codes are limited to the prior's ball (:func:`limit_to_prior` with the block ``sizes`` of the
-    factors and the noise, and ``radius``).
+    factors and the noise, and ``radius``; 0 = no limit).
 
     real: (B, 3, R, R) the faces to reproduce, network space; mask: (R, R) chart. Returns the refined
     codes (B, Z), detached. Only the codes' gradient is computed (``autograd.grad``), so no gradient
@@ -77,7 +77,6 @@ def refine_codes(generator: torch.nn.Module, codes: torch.Tensor, pinned: torch.
         (grad,) = torch.autograd.grad(loss, z)
         z.grad = grad * free
         opt.step()
-        if sizes is not None:
-            with torch.no_grad():
-                z.copy_(torch.where(pinned, z, limit_to_prior(z, sizes, radius)))
+        with torch.no_grad():
+            z.copy_(torch.where(pinned, z, limit_to_prior(z, sizes, radius)))
     return z.detach()
