@@ -11,8 +11,8 @@ from facegan.errors import FaceganError
 from facegan.nn.losses import reconstruction_loss
 from facegan.nn.networks import Generator
 from facegan.train.checkpoint import load_checkpoint
-from facegan.train.data import MISSING
-from facegan.train.loop import train
+from facegan.train.data import MISSING, blend, novel_identity_faces
+from facegan.train.loop import draw_fixed_codes, train
 from facegan.train.reconstruction import limit_to_prior, pinned_codes, refine_codes
 from test_train import synth, tiny_config
 
@@ -116,7 +116,73 @@ def test_training_reproduces_the_real_faces_from_codes_pinned_to_their_labels(tm
     assert len(rec) == 4 and all(r > 0 for r in rec)
 
 
+def test_novel_identity_faces_wear_one_blend_of_the_shapes_and_of_their_codes():
+    """rec_novel: a chosen face k becomes x_k - a[id_k] + (mean + sum_i c_i (A_i - mean)), coded by
+    mean + sum_i c_i (T_i - mean) with the same c ~ N(0, I / m); checked by a loop over faces and identities."""
+    g = torch.Generator().manual_seed(0)
+    shapes, codes = 0.1 * torch.randn(5, 3, 8, 8, generator=g), torch.randn(5, 4, generator=g)
+    novel_from, novel_codes = shapes[[0, 2, 4]], codes[[0, 2, 4]]  # the identities that have images
+    identity = torch.tensor([0, 2, 4, MISSING, 2, 0, 4, 2])
+    x = 0.1 * torch.randn(8, 3, 8, 8, generator=g)  # small values: nothing is clamped
+
+    out, new_codes, chosen = novel_identity_faces(x, identity, shapes, 0.6, torch.Generator().manual_seed(3),
+                                                  novel_from, novel_codes)
+
+    replay = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    expected_chosen = (torch.rand(8, generator=replay) < 0.6) & (identity >= 0)
+    weights = torch.randn(8, 3, generator=replay) / 3 ** 0.5
+    assert torch.equal(chosen, expected_chosen) and not chosen[3] and 0 < chosen.sum() < 8
+    for k in range(8):
+        if not chosen[k]:
+            assert torch.equal(out[k], x[k]) and not new_codes[k].any()
+            continue
+        shape, code = novel_from.mean(0).clone(), novel_codes.mean(0).clone()
+        for i in range(3):
+            shape += weights[k, i] * (novel_from[i] - novel_from.mean(0))
+            code += weights[k, i] * (novel_codes[i] - novel_codes.mean(0))
+        torch.testing.assert_close(out[k], x[k] - shapes[identity[k]] + shape)
+        torch.testing.assert_close(new_codes[k], code)
+    # a training identity is the blend with c = e_j: its own shape and its own code
+    one_hot = torch.eye(3)
+    torch.testing.assert_close(blend(one_hot, novel_from), novel_from)
+    torch.testing.assert_close(blend(one_hot, novel_codes), novel_codes)
+
+
+@pytest.mark.parametrize("n", [6, 12])  # fewer identities than code dimensions, and more
+def test_isotropic_identity_codes_make_blends_spread_as_the_prior(n):
+    """The blends of the identity codes with c ~ N(0, I / n) have covariance (T - mean)^T (T - mean) / n: with
+    isotropic_identity_codes it is the identity on the codes' span (a projection), with Gaussian codes it is
+    stretched. The other factors' codes, and the drawn identity codes' mean, are those of the default draw."""
+    gaussian = draw_fixed_codes(3, [n, 4], [8, 5])
+    isotropic = draw_fixed_codes(3, [n, 4], [8, 5], isotropic_identity=True)
+    assert torch.equal(gaussian[1], isotropic[1])
+    torch.testing.assert_close(isotropic[0].mean(0), gaussian[0].mean(0))
+    for codes, spread_evenly in ((isotropic[0], True), (gaussian[0], False)):
+        deviations = (codes - codes.mean(0)).double()
+        covariance = deviations.T @ deviations / n
+        eigenvalues = torch.linalg.eigvalsh(covariance)
+        rank = min(n - 1, 8)
+        if spread_evenly:
+            torch.testing.assert_close(covariance @ covariance, covariance)  # a projection
+            torch.testing.assert_close(eigenvalues[-rank:], torch.ones(rank, dtype=torch.float64))
+        else:
+            assert eigenvalues[-1] > 1.5 * eigenvalues[-rank]
+
+
+def test_training_with_new_identities_in_the_reconstruction(tmp_path):
+    run = tmp_path / "run"
+    train(synth(), tiny_config("lambda_rec=1.0", "rec_novel=0.5", "isotropic_identity_codes=true"), run)
+    tensors, _ = load_checkpoint(run / "checkpoint.safetensors")
+    assert tensors["real_codes"].abs().sum() > 0
+    with pytest.raises(FaceganError, match="rec_novel needs exactly two factors"):
+        train(synth(n_classes=(4, 3, 2)), tiny_config("lambda_rec=1.0", "rec_novel=0.5"), tmp_path / "three")
+
+
 def test_reconstruction_settings_are_checked():
+    with pytest.raises(FaceganError, match="rec_novel needs lambda_rec"):
+        tiny_config("rec_novel=0.5")
+    with pytest.raises(FaceganError, match="rec_novel=2"):
+        tiny_config("lambda_rec=1", "rec_novel=2")
     with pytest.raises(FaceganError, match="lambda_rec"):
         tiny_config("lambda_rec=-1")
     with pytest.raises(FaceganError, match="rec_lr"):

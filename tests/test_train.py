@@ -507,7 +507,7 @@ def _killed_at(iteration: int):
     return hook
 
 
-@pytest.mark.parametrize("options", [(), ("lr_decay_iters=5",), ("lambda_rec=1.0",)],
+@pytest.mark.parametrize("options", [(), ("lr_decay_iters=5",), ("lambda_rec=1.0", "rec_novel=0.5")],
                          ids=["constant-rates", "lr-decay", "real-face-codes"])
 def test_resume_is_bit_for_bit(tmp_path, monkeypatch, options):
     data = synth()

@@ -106,6 +106,13 @@ class TrainConfig:
     rec_steps: int = 4
     rec_lr: float = 0.1
     rec_radius: float = 1.0
+    # with lambda_rec: this fraction of the reconstructed faces wear a new identity from the Gaussian over the
+    # identity shapes, reproduced from the same blend of the fixed identity codes (docs/training.md, "New
+    # identities in the reconstruction"; 0 = off)
+    rec_novel: float = 0.0
+    # beyond the paper: the fixed identity codes spread equally in every direction of their span, so that
+    # rec_novel's blends of them are distributed as the prior there (docs/training.md, same section)
+    isotropic_identity_codes: bool = False
     ema_beta: float = 0.999  # per generator step, with a (1+t)/(10+t) warm-up
     # length: stop at whichever comes first (0 = no limit on iterations). The small profile is bounded by
     # its time budget (max_iters), not by epochs, whose length depends on the dataset size
@@ -174,6 +181,10 @@ class TrainConfig:
         if self.rec_steps < 0 or self.rec_lr <= 0 or self.rec_radius < 0:
             raise FaceganError(f"config rec_steps={self.rec_steps}, rec_lr={self.rec_lr}, "
                                f"rec_radius={self.rec_radius}: need rec_steps >= 0, rec_lr > 0 and rec_radius >= 0")
+        if not 0.0 <= self.rec_novel <= 1.0:
+            raise FaceganError(f"config rec_novel={self.rec_novel}: must be a fraction in [0, 1]")
+        if self.rec_novel and not self.lambda_rec:
+            raise FaceganError("config rec_novel needs lambda_rec > 0")
         if self.lr_decay_iters < 0:
             raise FaceganError(f"config lr_decay_iters={self.lr_decay_iters}: must be >= 0 (0 = constant rates)")
         if self.max_iters < 0:

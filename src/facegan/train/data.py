@@ -198,17 +198,52 @@ def identity_shape_images(images: torch.Tensor, mask: torch.Tensor, identity: to
     return chart_images(identity_shapes(chart_vectors(images, mask), identity, expression), mask)
 
 
+def gaussian_weights(n: int, m: int, generator: torch.Generator, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(n, m) weights ``c ~ N(0, I / m)`` of :func:`blend`: with them, a blend of m shapes follows the Gaussian
+    with the shapes' mean and covariance. Draws from ``generator``."""
+    return torch.randn(n, m, generator=generator, device=device, dtype=dtype) / m ** 0.5
+
+
+def blend(weights: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """``mean + sum_i c_i (x_i - mean)`` for each row c of ``weights`` (n, m) over the m ``items`` (m, ...),
+    ``mean`` their mean: the point of the linear model of the items with coefficients c. Returns (n, ...)."""
+    mean = items.mean(0)
+    return mean + torch.einsum("nm,m...->n...", weights, items - mean)
+
+
 def gaussian_identities(shapes: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` new identity shapes drawn from the Gaussian with the mean and covariance of ``shapes`` (the linear
-    face model of the training identities): ``mean + sum_i c_i (a_i - mean)`` with ``c ~ N(0, I / m)``.
+    face model of the training identities): :func:`blend` of ``shapes`` with :func:`gaussian_weights`.
 
     shapes: (m, 3, H, W) from :func:`identity_shape_images`. Returns (n, 3, H, W), 0 where every shape is 0
     (outside the chart). Draws from ``generator``.
     """
-    m = len(shapes)
-    mean = shapes.mean(0)
-    weights = torch.randn(n, m, generator=generator, device=shapes.device, dtype=shapes.dtype) / m ** 0.5
-    return mean + torch.einsum("nm,mchw->nchw", weights, shapes - mean)
+    return blend(gaussian_weights(n, len(shapes), generator, shapes.device, shapes.dtype), shapes)
+
+
+def novel_identity_faces(images: torch.Tensor, identity: torch.Tensor, shapes: torch.Tensor, fraction: float,
+                         generator: torch.Generator, novel_from: torch.Tensor, novel_codes: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Faces on new identities *with their identity codes*, for the reconstruction term (beyond the paper,
+    docs/training.md "New identities in the reconstruction"): a random ``fraction`` of the identity-labeled
+    faces k become ``x_k - a[id_k] + blend(c, A)``, a new identity from the Gaussian over the identity shapes
+    A = ``novel_from``, and its identity code is the same blend of those identities' fixed codes,
+    ``blend(c, T)`` with T = ``novel_codes``. A training identity is the blend with c = e_j (its own shape
+    and code), and with ``c ~ N(0, I / m)`` the blended code is distributed about as the prior N(0, I), so the
+    new identities lie where sampling draws codes.
+
+    images: (B, 3, H, W) network values; identity: (B,) int64, -1 = unlabeled (never chosen); shapes:
+    (n_identities, 3, H, W) indexed by label; novel_from: (m, 3, H, W) and novel_codes: (m, size), row for
+    row (the identities that have images). Returns (images (B, 3, H, W) clamped to [-1, 1], identity codes
+    (B, size), 0 for the faces not chosen, chosen (B,) bool). Draws from ``generator``.
+    """
+    n = len(images)
+    chosen = (torch.rand(n, generator=generator, device=images.device) < fraction) & (identity >= 0)
+    weights = gaussian_weights(n, len(novel_from), generator, images.device, images.dtype)
+    offset = (blend(weights, novel_from) - shapes[identity.clamp_min(0)]) * chosen[:, None, None, None]
+    codes = blend(weights, novel_codes) * chosen[:, None]
+    return (images + offset).clamp_(-1.0, 1.0), codes, chosen
 
 
 def recombine_identities(images: torch.Tensor, identity: torch.Tensor, shapes: torch.Tensor, fraction: float,

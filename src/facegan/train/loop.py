@@ -45,7 +45,7 @@ from facegan.train.board import Board, require_tensorboard
 from facegan.train.config import TrainConfig, config_differences
 from facegan.train.curves import plot_training_log
 from facegan.train.data import (EXPRESSION, LinearDescriptor, TrainingImages, fit_linear_descriptor,
-                                identity_shape_images, recombine_identities, residual_descriptors,
+                                identity_shape_images, novel_identity_faces, recombine_identities, residual_descriptors,
                                 shared_expression_pairs, to_network, to_uint8)
 from facegan.train.reconstruction import pinned_codes, refine_codes
 
@@ -99,11 +99,11 @@ def build_networks(cfg: TrainConfig, spec: VariantSpec, mask: torch.Tensor, n_cl
 
 
 def check_identity_shapes(cfg: TrainConfig, spec: VariantSpec, factors: list[str]) -> None:
-    """The expression descriptor, the recombined faces and the pair critic use each identity's expression-free
-    shape: they need exactly the two factors (identity, then expression); the descriptor needs an expression
-    classifier branch, recombination a D that classifies real images only, and the pair critic a variant
-    whose generator batches pair the expression codes."""
-    used = [key for key in ("descriptor_size", "recombine", "pair_critic") if getattr(cfg, key)]
+    """The expression descriptor, the recombined faces, the pair critic and the reconstruction's new identities
+    use each identity's expression-free shape: they need exactly the two factors (identity, then expression);
+    the descriptor needs an expression classifier branch, recombination a D that classifies real images only,
+    and the pair critic a variant whose generator batches pair the expression codes."""
+    used = [key for key in ("descriptor_size", "recombine", "pair_critic", "rec_novel") if getattr(cfg, key)]
     if used and len(factors) != 2:
         raise FaceganError(f"{used[0]} needs exactly two factors (identity, expression); the data has {factors}")
     if cfg.descriptor_size and EXPRESSION not in spec.classified:
@@ -127,10 +127,24 @@ def linear_descriptor(cfg: TrainConfig, data: TrainingImages) -> LinearDescripto
                                  cfg.descriptor_prototypes)
 
 
-def draw_fixed_codes(seed: int, n_classes: list[int], code_sizes: list[int]) -> list[torch.Tensor]:
-    """T^k: one standard-normal code per class of each factor, from its own seeded generator."""
+def draw_fixed_codes(seed: int, n_classes: list[int], code_sizes: list[int],
+                     isotropic_identity: bool = False) -> list[torch.Tensor]:
+    """T^k: one standard-normal code per class of each factor, from its own seeded generator.
+
+    With ``isotropic_identity`` (beyond the paper; docs/training.md "New identities in the reconstruction")
+    the identity codes (factor 0, n of them) keep their mean but their deviations from it get all their
+    nonzero singular values equal to sqrt(n) (the polar factor of the drawn deviations, scaled): blends of
+    them with weights c ~ N(0, I / n) (:func:`facegan.train.data.blend`) then have unit variance in every
+    direction of their span, as the prior N(0, I) has, instead of the stretched spread of random codes.
+    """
     gen = torch.Generator().manual_seed(seed * 7919 + 1)
-    return [torch.randn(n, size, generator=gen) for n, size in zip(n_classes, code_sizes)]
+    codes = [torch.randn(n, size, generator=gen) for n, size in zip(n_classes, code_sizes)]
+    if isotropic_identity:
+        mean = codes[0].mean(0)
+        u, s, vh = torch.linalg.svd((codes[0] - mean).double(), full_matrices=False)
+        rank = int((s > s[0] * 1e-6).sum())
+        codes[0] = (mean + len(codes[0]) ** 0.5 * u[:, :rank] @ vh[:rank]).float()
+    return codes
 
 
 def epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
@@ -274,7 +288,7 @@ class Trainer:
                                                   data.labels[self.factors[EXPRESSION]], cfg.descriptor_size)
             self.descriptors = (targets.to(self.device), valid.to(self.device))
         self.identity_shapes: torch.Tensor | None = None  # recombination's a[identity] (network-space images)
-        if cfg.recombine or cfg.pair_critic:
+        if cfg.recombine or cfg.pair_critic or cfg.rec_novel:
             shapes = identity_shape_images(data.images, data.mask, data.labels[self.factors[0]],
                                            data.labels[self.factors[EXPRESSION]])
             self.identity_shapes = shapes.to(self.device, memory_format=torch.channels_last)
@@ -287,7 +301,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.G, self.D = build_networks(cfg, self.spec, data.mask, self.n_classes)
         self.code_sizes = self.G.code_sizes
-        self.fixed_codes = [t.to(self.device) for t in draw_fixed_codes(cfg.seed, self.n_classes, self.code_sizes)]
+        self.fixed_codes = [t.to(self.device) for t in draw_fixed_codes(cfg.seed, self.n_classes, self.code_sizes,
+                                                                        cfg.isotropic_identity_codes)]
         memory = torch.channels_last if cfg.channels_last else torch.contiguous_format
         self.G = self.G.to(self.device, memory_format=memory)
         self.D = self.D.to(self.device, memory_format=memory)
@@ -459,6 +474,12 @@ class Trainer:
         z = refine_codes(self.G, start, pinned, real, self.mask, cfg.rec_steps, cfg.rec_lr, self.loss.autocast,
                          [*self.code_sizes, cfg.noise_size], cfg.rec_radius)
         self._store_real_codes(idx, z)
+        if cfg.rec_novel:  # some faces move to new identities, coded by the same blend of the identity codes
+            real, novel_codes, chosen = novel_identity_faces(
+                real, self.labels[0][idx], self.identity_shapes, cfg.rec_novel, self.sample_gen, self.present_shapes,
+                self.fixed_codes[0][self.class_choices[0]])
+            size = self.code_sizes[0]
+            z = torch.cat([torch.where(chosen[:, None], novel_codes, z[:, :size]), z[:, size:]], dim=1)
         deferred = self.G_sync.no_sync() if self.env.world > 1 else contextlib.nullcontext()
         with deferred:  # the reduction happens once, in the G loss's backward
             with self.loss.autocast():
