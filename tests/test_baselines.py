@@ -241,7 +241,8 @@ def test_tucker_faces_sharing_an_identity_span_only_the_expression_weights(model
     assert model.code_sizes == {"identity": 12, "expression": 7}
     singular = np.linalg.svd(model.sample(1, fix="identity", m=12, seed=2).reshape(12, -1), compute_uv=False)
     assert singular[8] < 1e-5 * singular[0]
-    assert np.linalg.svd(model.sample(12, seed=2).reshape(12, -1), compute_uv=False)[-1] > 1e-3 * singular[0]
+    # independent faces span all 12: their smallest singular value is far above the 1e-5 of a missing dimension
+    assert np.linalg.svd(model.sample(12, seed=2).reshape(12, -1), compute_uv=False)[-1] > 1e-4 * singular[0]
 
 
 def test_tucker_fit_is_close_on_its_samples_and_the_training_meshes(models, train_meshes):
