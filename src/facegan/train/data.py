@@ -230,8 +230,9 @@ def novel_identity_faces(images: torch.Tensor, identity: torch.Tensor, shapes: t
     faces k become ``x_k - a[id_k] + blend(c, A)``, a new identity from the Gaussian over the identity shapes
     A = ``novel_from``, and its identity code is the same blend of those identities' fixed codes,
     ``blend(c, T)`` with T = ``novel_codes``. A training identity is the blend with c = e_j (its own shape
-    and code), and with ``c ~ N(0, I / m)`` the blended code is distributed about as the prior N(0, I), so the
-    new identities lie where sampling draws codes.
+    and code). With ``c ~ N(0, I / m)`` the blended codes have the covariance ``(T - mean)^T (T - mean) / m``:
+    the prior's unit variance on their span when the codes are drawn with ``isotropic_identity_codes``,
+    stretched along a few directions when they are plain Gaussian draws.
 
     images: (B, 3, H, W) network values; identity: (B,) int64, -1 = unlabeled (never chosen); shapes:
     (n_identities, 3, H, W) indexed by label; novel_from: (m, 3, H, W) and novel_codes: (m, size), row for
