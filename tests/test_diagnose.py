@@ -25,6 +25,9 @@ class SeparableModel:
     noise_size = 2
     device = torch.device("cpu")
 
+    def draw(self, name: str, n: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn(n, dict(zip(self.factors, self.code_sizes), noise=self.noise_size)[name], generator=generator)
+
     def generate(self, codes: list[torch.Tensor], noise: torch.Tensor) -> torch.Tensor:
         meshes = torch.zeros(len(noise), 4, 3)
         meshes[:, 0], meshes[:, 2] = codes[0][:, :3], codes[1][:, :3]

@@ -10,7 +10,8 @@ import torch
 from facegan.errors import FaceganError
 from facegan.nn.losses import reconstruction_loss
 from facegan.nn.networks import Generator
-from facegan.train.checkpoint import load_checkpoint
+from facegan.model import FaceModel
+from facegan.train.checkpoint import export_model_from_checkpoint, load_checkpoint
 from facegan.train.data import MISSING, blend, novel_identity_faces
 from facegan.train.loop import draw_fixed_codes, train
 from facegan.train.reconstruction import limit_to_prior, pinned_codes, refine_codes
@@ -174,6 +175,13 @@ def test_training_with_new_identities_in_the_reconstruction(tmp_path):
     train(synth(), tiny_config("lambda_rec=1.0", "rec_novel=0.5", "isotropic_identity_codes=true"), run)
     tensors, _ = load_checkpoint(run / "checkpoint.safetensors")
     assert tensors["real_codes"].abs().sum() > 0
+    # a sampling model that draws z_exp and the noise from the faces' codes
+    export_model_from_checkpoint(run / "checkpoint.safetensors", run / "banked.safetensors", ["expression", "noise"])
+    model = FaceModel.load(run / "banked.safetensors")
+    assert sorted(model.code_bank) == sorted(model.bank_bandwidth) == ["expression", "noise"]
+    assert model.code_bank["expression"].shape[1] == model.code_sizes[1]
+    images, _ = model.sample(2, fix="identity", m=2, seed=0)
+    assert images.shape[0] == 4 and torch.isfinite(images).all()
     with pytest.raises(FaceganError, match="rec_novel needs exactly two factors"):
         train(synth(n_classes=(4, 3, 2)), tiny_config("lambda_rec=1.0", "rec_novel=0.5"), tmp_path / "three")
 

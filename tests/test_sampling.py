@@ -57,3 +57,78 @@ def test_export_keeps_only_the_sampling_tensors(tmp_path):
     assert got_meta == {"kind": "model", "factors": ["identity"], "iteration": 7}
     with pytest.raises(FaceganError, match="not a training checkpoint"):
         export_model_from_checkpoint(tmp_path / "model.safetensors", tmp_path / "again.safetensors")
+
+
+def fake_run_checkpoint(path, real_codes: torch.Tensor | None) -> None:
+    """A checkpoint of a two-factor run (codes of sizes 3 and 2, noise 1) with an optional real-code table."""
+    tensors = {"G_ema.w": torch.ones(2), "fixed_codes.identity": torch.zeros(4, 3)}
+    if real_codes is not None:
+        tensors["real_codes"] = real_codes
+    meta = {"kind": "checkpoint", "factors": ["identity", "expression"], "code_sizes": [3, 2], "noise_size": 1}
+    save_checkpoint(path, tensors, meta)
+
+
+def test_export_with_a_code_bank_keeps_the_visited_faces_codes(tmp_path):
+    table = torch.arange(5 * 6, dtype=torch.float32).reshape(5, 6) + 1
+    table[3] = 0  # a face the run never visited
+    fake_run_checkpoint(tmp_path / "checkpoint.safetensors", table)
+    export_model_from_checkpoint(tmp_path / "checkpoint.safetensors", tmp_path / "model.safetensors",
+                                 ["expression", "noise"], bandwidth=0.25)
+    from facegan.train.checkpoint import load_checkpoint
+
+    got, meta = load_checkpoint(tmp_path / "model.safetensors")
+    visited = table[[0, 1, 2, 4]]
+    assert torch.equal(got["code_bank.expression"], visited[:, 3:5])
+    assert torch.equal(got["code_bank.noise"], visited[:, 5:])
+    assert "real_codes" not in got and meta["bank_bandwidth"] == {"expression": 0.25, "noise": 0.25}
+
+
+def test_the_default_bandwidth_is_silvermans_rule_per_code(tmp_path):
+    """h = (4 / ((d + 2) n))^(1 / (d + 4)) for n codes of d dimensions: Silverman's rule of thumb, as
+    scipy.stats.gaussian_kde(bw_method="silverman") computes it."""
+    fake_run_checkpoint(tmp_path / "checkpoint.safetensors", torch.randn(40, 6))
+    export_model_from_checkpoint(tmp_path / "checkpoint.safetensors", tmp_path / "model.safetensors",
+                                 ["expression", "noise"])
+    from facegan.train.checkpoint import read_metadata
+
+    widths = read_metadata(tmp_path / "model.safetensors")["bank_bandwidth"]
+    assert widths["expression"] == pytest.approx((4 / (4 * 40)) ** (1 / 6))
+    assert widths["noise"] == pytest.approx((4 / (3 * 40)) ** (1 / 5))
+
+
+def test_a_code_bank_needs_the_real_faces_codes_and_known_names(tmp_path):
+    fake_run_checkpoint(tmp_path / "plain.safetensors", None)
+    with pytest.raises(FaceganError, match="plain.safetensors: no codes of the real faces"):
+        export_model_from_checkpoint(tmp_path / "plain.safetensors", tmp_path / "m.safetensors", ["expression"])
+    fake_run_checkpoint(tmp_path / "rec.safetensors", torch.ones(2, 6))
+    with pytest.raises(FaceganError, match="no code named pose"):
+        export_model_from_checkpoint(tmp_path / "rec.safetensors", tmp_path / "m.safetensors", ["pose"])
+    with pytest.raises(FaceganError, match="bandwidth"):
+        export_model_from_checkpoint(tmp_path / "rec.safetensors", tmp_path / "m.safetensors", ["noise"], -1.0)
+    assert not (tmp_path / "m.safetensors").exists()
+    done = subprocess.run([sys.executable, "-m", "facegan", "export-model", str(tmp_path / "plain.safetensors"),
+                           "-o", str(tmp_path / "m.safetensors"), "--code-bank", "expression"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "no codes of the real faces" in done.stderr and not (tmp_path / "m.safetensors").exists()
+
+
+@needs_shipped
+def test_a_banked_code_is_a_bank_row_plus_a_kernel_of_its_bandwidth():
+    """draw: N(0, I) without a bank; with one, row i_k of the bank + bandwidth * std * eps_k, i_k uniform."""
+    model = facegan.load(device="cpu")
+    model.code_bank = {}
+    plain = model.draw("expression", 4, torch.Generator().manual_seed(3))
+    assert torch.equal(plain, torch.randn(4, 15, generator=torch.Generator().manual_seed(3)))
+    bank = torch.randn(30, 15, generator=torch.Generator().manual_seed(0)) * torch.linspace(0.5, 2.0, 15)
+    model.code_bank, model.bank_bandwidth = {"expression": bank}, {"expression": 0.2}
+    drawn = model.draw("expression", 50, torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    rows, eps = torch.randint(30, (50,), generator=gen), torch.randn(50, 15, generator=gen)
+    for k in range(50):
+        expected = [bank[rows[k], d] + 0.2 * bank[:, d].std() * eps[k, d] for d in range(15)]
+        assert torch.allclose(drawn[k], torch.stack(expected), atol=1e-6)
+    model.bank_bandwidth = {"expression": 0.0}
+    _, codes = model.sample(3, fix="identity", m=4, seed=0)  # the bank serves sample() too
+    assert all(any(torch.equal(c, row) for row in bank) for c in codes["expression"])
+    assert torch.equal(codes["identity"][0], codes["identity"][3])

@@ -15,6 +15,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Generative 3D face models by adversarial training (Abrevaya et al., ICCV 2019).")
 
 DEFAULT_DATA = Path("data/ict-small")
+BANK_HELP = ("Comma-separated codes (factor names or noise) to draw from the training faces' codes instead of N(0, I); "
+             "needs a run trained with lambda_rec (docs/training.md, 'Sampling from the real faces' codes').")
+BANDWIDTH_HELP = ("Kernel width of the code bank, a fraction of each code dimension's standard deviation "
+                  "(default: Silverman's rule).")
+
+
+def _names(listing: str) -> list[str]:
+    """'a, b' -> ['a', 'b']."""
+    return [n.strip() for n in listing.split(",") if n.strip()]
 
 
 def _progress() -> bool:
@@ -190,11 +199,13 @@ def sample(
 def export_model(
     checkpoint: Path = typer.Argument(..., help="A run's checkpoint.safetensors."),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (G_ema, fixed codes, codec)."),
+    code_bank: str = typer.Option("", help=BANK_HELP),
+    bandwidth: Optional[float] = typer.Option(None, help=BANDWIDTH_HELP),
 ) -> None:
     """Write the few-MB sampling model of a training checkpoint (e.g. of a run still going)."""
     from facegan.train.checkpoint import export_model_from_checkpoint
 
-    export_model_from_checkpoint(checkpoint, out)
+    export_model_from_checkpoint(checkpoint, out, _names(code_bank), bandwidth)
     typer.echo(f"wrote {out}")
 
 
@@ -324,7 +335,7 @@ def evaluate(
     from facegan.evaluation.evaluate import METRIC_GROUPS, EvalConfig
     from facegan.evaluation.experiment import evaluate_models
 
-    chosen = METRIC_GROUPS if metrics == "all" else tuple(m.strip() for m in metrics.split(",") if m.strip())
+    chosen = METRIC_GROUPS if metrics == "all" else tuple(_names(metrics))
     config = EvalConfig(specificity_samples=samples, diversity_pairs=pairs, decoupling_groups=groups,
                         decoupling_group_size=group_size, generalization_limit=limit, judges=judges, metrics=chosen,
                         seed=seed)
@@ -341,11 +352,13 @@ def diagnose(
     groups: int = typer.Option(40, help="Groups per code for the code effects."),
     group_size: int = typer.Option(40, help="Samples per group."),
     seed: int = typer.Option(0, help="Seed of every random draw."),
+    code_bank: str = typer.Option("", help=BANK_HELP),
+    bandwidth: Optional[float] = typer.Option(None, help=BANDWIDTH_HELP),
 ) -> None:
     """Why codes are (not) decoupled: what each code moves, and the feature loss on real and generated pairs."""
     from facegan.evaluation.diagnose import diagnose as run_diagnosis
 
-    path = run_diagnosis(run, data, out, pairs, groups, group_size, seed)
+    path = run_diagnosis(run, data, out, pairs, groups, group_size, seed, _names(code_bank), bandwidth)
     typer.echo(path.read_text(), nl=False)
 
 

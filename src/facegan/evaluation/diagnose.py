@@ -31,22 +31,15 @@ from facegan.data.dataset import open_dataset
 from facegan.errors import FaceganError
 from facegan.fileio import atomic_path, write_json
 from facegan.metrics.oracle import OracleProjector, oracle_decoupling
-from facegan.model import FaceModel
+from facegan.model import NOISE, FaceModel
 from facegan.nn.losses import descriptor_distance, pair_distance
 from facegan.nn.networks import Discriminator, DOutput
-from facegan.train.checkpoint import load_checkpoint, load_module
+from facegan.train.checkpoint import bank_bandwidths, code_bank, load_checkpoint, load_module
 from facegan.train.config import TrainConfig
 from facegan.train.data import (EXPRESSION, LinearDescriptor, TrainingImages, gaussian_identities, identity_shape_images,
                                 to_network)
 
 __all__ = ["code_effects", "feature_floors", "fixed_code_accuracy", "load_discriminator", "diagnose"]
-
-NOISE = "noise"
-
-
-def _code_sizes(model: FaceModel) -> dict[str, int]:
-    """Code size of every factor, then of the noise."""
-    return dict(zip(model.factors, model.code_sizes)) | {NOISE: model.noise_size}
 
 
 def _generate(model: FaceModel, codes: dict[str, torch.Tensor], chunk: int = 256) -> torch.Tensor:
@@ -79,11 +72,11 @@ def code_effects(model: FaceModel, to_meshes, projector: OracleProjector, refere
     the data varies).
     """
     gen = torch.Generator().manual_seed(seed)
-    sizes = _code_sizes(model)
+    names = [*model.factors, NOISE]
     effects = {}
-    for varied in sizes:
-        codes = {name: torch.randn(groups * size, d, generator=gen) if name == varied
-                 else torch.randn(groups, d, generator=gen).repeat_interleave(size, 0) for name, d in sizes.items()}
+    for varied in names:
+        codes = {name: model.draw(name, groups * size, gen) if name == varied
+                 else model.draw(name, groups, gen).repeat_interleave(size, 0) for name in names}
         images = _generate(model, codes)
         meshes = np.concatenate([to_meshes(images[s:s + 256]) for s in range(0, len(images), 256)])
         result = oracle_decoupling(projector, meshes.reshape(groups, size, *meshes.shape[1:]), reference)
@@ -187,21 +180,20 @@ def fixed_code_accuracy(model: FaceModel, discriminator: Discriminator, branch_f
     """For each classified factor k: the accuracy of D's classifier k on samples generated with the fixed code
     T^k_c of each class c (``per_class`` samples per class, every other code and the noise random)."""
     gen = torch.Generator().manual_seed(seed)
-    sizes = _code_sizes(model)
+    names = [*model.factors, NOISE]
     accuracy = {}
     for branch, k in enumerate(branch_factors):
         factor = factors[k]
         table = model.fixed_codes[factor].cpu()
         classes = torch.arange(len(table)).repeat_interleave(per_class)
-        codes = {name: table[classes] if name == factor else torch.randn(len(classes), d, generator=gen)
-                 for name, d in sizes.items()}
+        codes = {name: table[classes] if name == factor else model.draw(name, len(classes), gen) for name in names}
         logits = _classify(discriminator, _generate(model, codes).cpu()).logits[branch]
         accuracy[factor] = float((logits.argmax(1) == classes).float().mean())
     return accuracy
 
 
-def _markdown(run: str, effects: dict | None, floors: dict, accuracy: dict[str, float]) -> str:
-    lines = [f"# Decoupling diagnosis of {run}", ""]
+def _markdown(run: str, effects: dict | None, floors: dict, accuracy: dict[str, float], prior: str) -> str:
+    lines = [f"# Decoupling diagnosis of {run}", "", f"Random codes: {prior}.", ""]
     if effects is None:
         lines += ["Code effects: skipped (the dataset was not synthesized from the ICT model: no oracle).", ""]
     else:
@@ -220,14 +212,20 @@ def _markdown(run: str, effects: dict | None, floors: dict, accuracy: dict[str, 
 
 
 def diagnose(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, pairs: int = 2000,
-             groups: int = 40, size: int = 40, seed: int = 0) -> Path:
+             groups: int = 40, size: int = 40, seed: int = 0, bank: list[str] = (),
+             bandwidth: float | None = None) -> Path:
     """``facegan diagnose``: code effects and feature floors of a training checkpoint on a dataset; writes
-    ``out``/diagnosis.md and diagnosis.json and returns the markdown path."""
+    ``out``/diagnosis.md and diagnosis.json and returns the markdown path. ``bank``/``bandwidth``: draw
+    those codes as the model exported with them would (:func:`~facegan.train.checkpoint.code_bank`)."""
     from facegan.evaluation.evaluate import EvaluationData
     from facegan.sampling import codec_of, images_to_meshes
     from facegan.train.prepare import ensure_encoded, training_images
 
     model = FaceModel.load(checkpoint)
+    if bank:
+        tensors, meta = load_checkpoint(checkpoint, "cpu")
+        model.code_bank = code_bank(tensors, meta, list(bank), str(checkpoint))
+        model.bank_bandwidth = bank_bandwidths(model.code_bank, bandwidth)
     dataset = open_dataset(data)
     images = training_images(dataset, ensure_encoded(dataset, model.resolution))
     discriminator, branch_factors, linear = load_discriminator(checkpoint, images)
@@ -240,8 +238,12 @@ def diagnose(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | 
         effects = code_effects(model, lambda x: images_to_meshes(codec, x).cpu().numpy(), *oracle, groups, size, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "diagnosis.json", {"checkpoint": str(checkpoint), "data": str(data), "code_effects": effects,
+    write_json(out / "diagnosis.json", {"checkpoint": str(checkpoint), "data": str(data),
+                                        "code_bank_bandwidth": model.bank_bandwidth or None,
+                                        "code_effects": effects,
                                         "feature_floors": floors, "fixed_code_accuracy": accuracy})
     with atomic_path(out / "diagnosis.md") as tmp:
-        tmp.write_text(_markdown(str(checkpoint), effects, floors, accuracy))
+        widths = ", ".join(f"{n} (bandwidth {h:.2f})" for n, h in model.bank_bandwidth.items())
+        prior = f"{widths} from the training faces' codes, the rest N(0, I)" if bank else "N(0, I)"
+        tmp.write_text(_markdown(str(checkpoint), effects, floors, accuracy, prior))
     return out / "diagnosis.md"

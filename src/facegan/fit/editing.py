@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from facegan.errors import FaceganError, check_known
-from facegan.model import FaceModel
+from facegan.model import NOISE, FaceModel
 
 Codes = Mapping[str, torch.Tensor]
-NOISE = "noise"
 
 
 def check_codes(codes: Codes, model: FaceModel | None = None, what: str = "codes") -> dict[str, torch.Tensor]:

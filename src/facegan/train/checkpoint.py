@@ -1,7 +1,8 @@
 """Checkpoints without pickle: tensors in safetensors, everything else as JSON in the file's header.
 
 One file holds one consistent state: tensor names are prefixed by what they belong to (``G.``,
-``G_ema.``, ``D.``, ``opt_G.``, ``opt_D.``, ``rng.``, ``fixed_codes.``, ``codec.``) and the JSON
+``G_ema.``, ``D.``, ``opt_G.``, ``opt_D.``, ``rng.``, ``fixed_codes.``, ``codec.``, ``real_codes``; a
+sampling model may add ``code_bank.``) and the JSON
 metadata (config, counters, class names, optimizer hyperparameters, codec meta) sits under the
 ``facegan`` key of the safetensors header. Loading parses a header and copies bytes; it never runs code.
 """
@@ -164,14 +165,58 @@ def load_optimizer(opt: torch.optim.Optimizer, prefix: str, tensors: dict[str, t
 MODEL_PREFIXES = ("G_ema.", "fixed_codes.", "codec.")
 MODEL_META_KEYS = ("config", "factors", "n_classes", "class_names", "code_sizes", "noise_size", "resolution",
                    "classified", "codec_meta", "iteration")
+BANK_PREFIX = "code_bank."
 
 
-def export_model_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def silverman_bandwidth(n: int, size: int) -> float:
+    """Silverman's rule of thumb for a Gaussian kernel density estimate of ``n`` points in ``size``
+    dimensions, as a fraction of each dimension's standard deviation: (4 / (size + 2) / n)^(1 / (size + 4))."""
+    return (4.0 / (size + 2) / n) ** (1.0 / (size + 4))
+
+
+def code_bank(tensors: dict[str, torch.Tensor], meta: dict[str, Any], names: list[str], source: str
+              ) -> dict[str, torch.Tensor]:
+    """The training faces' codes of the factors ``names`` (or "noise") in a training checkpoint's
+    (``tensors``, ``meta``) table of real-face codes (kept with ``lambda_rec``): name -> (N, size), one row per
+    face the run has visited. ``source`` names the file in errors."""
+    if "real_codes" not in tensors:
+        raise FaceganError(f"{source}: no codes of the real faces (a code bank needs a run trained with lambda_rec > 0)")
+    columns = {}
+    start = 0
+    for name, size in zip([*meta["factors"], "noise"], [*meta["code_sizes"], meta["noise_size"]]):
+        columns[name] = (start, start + size)
+        start += size
+    unknown = [n for n in names if n not in columns]
+    if unknown:
+        raise FaceganError(f"{source}: no code named {', '.join(unknown)} (codes: {', '.join(columns)})")
+    table = tensors["real_codes"].float()
+    visited = table.abs().sum(dim=1) > 0  # rows start at 0 and never return there
+    return {n: table[visited, columns[n][0]:columns[n][1]].contiguous() for n in names}
+
+
+def bank_bandwidths(bank: dict[str, torch.Tensor], bandwidth: float | None) -> dict[str, float]:
+    """The kernel width of each code of ``bank`` (name -> (N, size)): ``bandwidth`` for all, or with None
+    :func:`silverman_bandwidth` of each code's N and size."""
+    if bandwidth is not None and bandwidth < 0:
+        raise FaceganError(f"bandwidth {bandwidth}: must be >= 0")
+    return {n: silverman_bandwidth(*codes.shape) if bandwidth is None else float(bandwidth) for n, codes in bank.items()}
+
+
+def export_model_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, bank: list[str] = (),
+                                 bandwidth: float | None = None) -> Path:
     """Write the sampling model (G_ema, fixed codes, codec; a few MB) of a training checkpoint to ``out``,
-    e.g. to ship the current state of a run that is still going."""
+    e.g. to ship the current state of a run that is still going. With ``bank`` (factor names or "noise"),
+    the model draws those codes from the training faces' codes with a kernel of width ``bandwidth``
+    (None: Silverman's rule; :func:`bank_bandwidths`, :meth:`facegan.model.FaceModel.draw`) instead of
+    N(0, I)."""
     tensors, meta = load_checkpoint(checkpoint, "cpu")
     if meta.get("kind") != "checkpoint":
         raise FaceganError(f"{checkpoint}: not a training checkpoint (kind {meta.get('kind')!r})")
     model = {k: v for k, v in tensors.items() if k.startswith(MODEL_PREFIXES)}
-    save_checkpoint(out, model, {"kind": "model", **{k: meta[k] for k in MODEL_META_KEYS if k in meta}})
+    extra = {}
+    if bank:
+        codes = code_bank(tensors, meta, list(bank), str(checkpoint))
+        extra = {"bank_bandwidth": bank_bandwidths(codes, bandwidth)}
+        model |= {BANK_PREFIX + n: c for n, c in codes.items()}
+    save_checkpoint(out, model, {"kind": "model", **{k: meta[k] for k in MODEL_META_KEYS if k in meta}, **extra})
     return Path(out)
