@@ -74,7 +74,7 @@ class FaceModel:
         """
         bank = self.code_bank.get(name)
         if bank is None:
-            sizes = dict(zip(self.factors, self.code_sizes), noise=self.noise_size)
+            sizes = dict(zip(self.factors, self.code_sizes)) | {NOISE: self.noise_size}
             return torch.randn(n, sizes[name], generator=generator)
         rows = bank[torch.randint(len(bank), (n,), generator=generator)]
         return rows + self.bank_bandwidth[name] * bank.std(dim=0) * torch.randn(n, bank.shape[1], generator=generator)
@@ -133,7 +133,7 @@ class FaceModel:
                  for name in [*self.factors, NOISE]}
         codes = {k: v.to(self.device) for k, v in codes.items()}
         with torch.no_grad():  # in chunks: n*m can be 10^4 (decoupling metrics)
-            images = torch.cat([self.generate([codes[f][i:i + chunk] for f in self.factors], codes["noise"][i:i + chunk])
+            images = torch.cat([self.generate([codes[f][i:i + chunk] for f in self.factors], codes[NOISE][i:i + chunk])
                                 for i in range(0, total, chunk)]) if total else self.generate(
-                [codes[f] for f in self.factors], codes["noise"])
+                [codes[f] for f in self.factors], codes[NOISE])
         return images, codes

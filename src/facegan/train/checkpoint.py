@@ -181,17 +181,13 @@ def code_bank(tensors: dict[str, torch.Tensor], meta: dict[str, Any], names: lis
     face the run has visited. ``source`` names the file in errors."""
     if "real_codes" not in tensors:
         raise FaceganError(f"{source}: no codes of the real faces (a code bank needs a run trained with lambda_rec > 0)")
-    columns = {}
-    start = 0
-    for name, size in zip([*meta["factors"], "noise"], [*meta["code_sizes"], meta["noise_size"]]):
-        columns[name] = (start, start + size)
-        start += size
-    unknown = [n for n in names if n not in columns]
-    if unknown:
-        raise FaceganError(f"{source}: no code named {', '.join(unknown)} (codes: {', '.join(columns)})")
     table = tensors["real_codes"].float()
-    visited = table.abs().sum(dim=1) > 0  # rows start at 0 and never return there
-    return {n: table[visited, columns[n][0]:columns[n][1]].contiguous() for n in names}
+    table = table[table.abs().sum(dim=1) > 0]  # the visited faces: rows start at 0 and never return there
+    blocks = dict(zip([*meta["factors"], "noise"], torch.split(table, [*meta["code_sizes"], meta["noise_size"]], 1)))
+    unknown = [n for n in names if n not in blocks]
+    if unknown:
+        raise FaceganError(f"{source}: no code named {', '.join(unknown)} (codes: {', '.join(blocks)})")
+    return {n: blocks[n].contiguous() for n in names}
 
 
 def bank_bandwidths(bank: dict[str, torch.Tensor], bandwidth: float | None) -> dict[str, float]:
