@@ -125,6 +125,46 @@ def test_generalization_is_the_mean_vertex_error_of_the_fits(data, ict):
     assert copy["metrics"]["generalization"]["mean"] == pytest.approx(expected, rel=1e-5)
 
 
+def test_generalization_reads_against_the_training_peoples_span(data, ict):
+    """On the test meshes labeled neutral, a model's mean error sits beside their distance to the affine hull
+    of the training people's neutral faces: what no model spanned by those people can beat."""
+    from facegan.metrics.span import affine_span_residual
+
+    config = EvalConfig(**{**SMALL.__dict__, "metrics": ("generalization",)})
+    names = data.dataset.labels.class_names("expression")
+    train, test = data.labels("train"), data.labels("test")
+    neutral_test = np.flatnonzero(test["expression"] == names.index("neutral"))
+    people = [data.train[(train["identity"] == p) & (train["expression"] == names.index("neutral"))].mean(axis=0)
+              for p in np.unique(train["identity"])]
+    floor = affine_span_residual(data.test[neutral_test], np.stack(people))["mean"]
+
+    copy = evaluate(TrainingSet(data.train), data, config)["metrics"]["generalization"]
+    assert copy["neutral_n"] == len(neutral_test) > 0
+    assert copy["neutral_mean"] == pytest.approx(np.linalg.norm(data.test[neutral_test] - data.train[0], axis=-1).mean(),
+                                                 rel=1e-5)
+    assert copy["training_span_neutral"] == pytest.approx(floor) and floor > 0.01  # tiny: a few training people
+    exact = evaluate(LinearICT(ict.narrow()), data, config)["metrics"]["generalization"]
+    assert exact["neutral_mean"] == 0.0 < exact["training_span_neutral"]  # ICT itself leaves their span
+    real = evaluate_real(data, config)["metrics"]["generalization"]
+    assert real["neutral_mean"] == pytest.approx(data.roundtrip[neutral_test].mean())
+    assert real["training_span_neutral"] == pytest.approx(floor)
+    assert "| Training people's span (neutral) |" in markdown_tables([json_ready(evaluate_real(data, config))])
+
+
+def test_real_row_draws_the_principal_components_curve(data):
+    """The classic generalization-vs-components curve of the training meshes: it falls with k and reaches the
+    whole training hull once k passes its rank."""
+    from facegan.metrics.span import affine_span_residual
+
+    config = EvalConfig(**{**SMALL.__dict__, "metrics": ("generalization",), "principal_components": (0, 2, 8, 10**6)})
+    curve = evaluate_real(data, config)["metrics"]["generalization"]["principal_components"]
+    assert list(curve) == [0, 2, 8, 10**6] and curve[0] > curve[2] > curve[8] > curve[10**6]
+    assert curve[0] == pytest.approx(np.linalg.norm(data.test - data.train.mean(axis=0), axis=-1).mean(), rel=1e-5)
+    assert curve[10**6] == pytest.approx(affine_span_residual(data.test, data.train)["mean"])
+    with pytest.raises(FaceganError, match="principal_components"):
+        EvalConfig(principal_components=(-1,)).validate()
+
+
 class Untouched(LinearICT):
     """An 'editor' that returns the target unchanged: the transfer check's do-nothing reading."""
 

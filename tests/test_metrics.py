@@ -24,6 +24,7 @@ from facegan.metrics.distribution import (
 from facegan.metrics.diversity import diversity, paired_diversity, sample_pairs, training_diversity
 from facegan.metrics.oracle import OracleProjector, oracle_decoupling
 from facegan.metrics.roughness import RoughnessOperator, boundary_vertices, roughness
+from facegan.metrics.span import affine_span_residual
 from facegan.metrics.specificity import specificity
 
 from conftest import grid_plane, sphere_cap
@@ -338,7 +339,54 @@ def test_oracle_decoupling_known_models():
 
 def test_registry_lists_and_rejects():
     names = metrics.list_metrics()
-    for name in ("specificity", "diversity", "mmd", "coverage", "1-nna", "kid", "roughness", "oracle_decoupling", "decoupling"):
+    for name in ("specificity", "diversity", "mmd", "coverage", "1-nna", "kid", "roughness", "oracle_decoupling", "decoupling",
+                 "affine_span_residual"):
         assert name in names
     with pytest.raises(ValueError, match="unknown metric"):
         metrics.compute("nope")
+
+
+# --------------------------------------------------------------------------- span of the training faces
+
+
+def naive_span_residual(faces, basis) -> list[float]:
+    """Gram-Schmidt over the basis faces' offsets from their mean, one face at a time."""
+    mean = basis.astype(np.float64).mean(axis=0).ravel()
+    axes: list[np.ndarray] = []
+    for b in basis:
+        d = b.astype(np.float64).ravel() - mean
+        for a in axes:
+            d -= (d @ a) * a
+        if np.linalg.norm(d) > 1e-6:
+            axes.append(d / np.linalg.norm(d))
+    out = []
+    for f in faces:
+        r = f.astype(np.float64).ravel() - mean
+        for a in axes:
+            r -= (r @ a) * a
+        out.append(float(np.linalg.norm(r.reshape(-1, 3), axis=1).mean()))
+    return out
+
+
+def test_span_residual_matches_gram_schmidt():
+    basis, faces = smooth_meshes(7, seed=1), smooth_meshes(5, seed=2)
+    result = affine_span_residual(faces, basis)
+    np.testing.assert_allclose(result["per_face"], naive_span_residual(faces, basis), rtol=1e-6)
+    assert result["rank"] == 6 and result["mean"] == pytest.approx(result["per_face"].mean())
+    curve = affine_span_residual(faces, basis, components=(0, 6, 99))["by_components"]
+    assert curve[6] == curve[99] == pytest.approx(result["mean"])  # k >= rank: the whole hull
+    assert curve[0] == pytest.approx(np.linalg.norm(faces - basis.astype(np.float64).mean(axis=0), axis=-1).mean())
+
+
+def test_faces_in_the_affine_hull_are_reproduced_and_repeats_add_no_direction():
+    basis = smooth_meshes(4, seed=3)
+    weights = np.array([[0.2, 0.3, 0.1, 0.4], [1.5, -0.5, 0.25, -0.25]])  # affine: each row sums to 1
+    inside = np.tensordot(weights, basis.astype(np.float64), axes=1)
+    assert affine_span_residual(inside, basis)["per_face"].max() < 1e-5
+    repeated = affine_span_residual(inside, np.concatenate([basis, basis[:2]]))
+    assert repeated["rank"] == 3 and repeated["per_face"].max() < 1e-5
+    one = affine_span_residual(inside, basis[:1])  # a single face: the distance to it
+    assert one["rank"] == 0
+    np.testing.assert_allclose(one["per_face"], np.linalg.norm(inside - basis[0], axis=-1).mean(axis=1), rtol=1e-6)
+    with pytest.raises(ValueError, match="differ in vertices"):
+        affine_span_residual(inside[:, :10], basis)

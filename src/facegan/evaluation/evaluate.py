@@ -3,7 +3,8 @@
 :func:`evaluate` runs a :class:`~facegan.evaluation.generators.FaceGenerator` through the metrics of
 :mod:`facegan.metrics` with the paper's sizes (Sec. 5.3, supplementary "Decoupling Evaluation"):
 
-- ``generalization``: fit every held-out test mesh, mean vertex error (mm);
+- ``generalization``: fit every held-out test mesh, mean vertex error (mm); also over the test meshes
+  labeled neutral, beside their distance to the span of the training people (:mod:`facegan.metrics.span`);
 - ``specificity``: 1000 samples, exact nearest training mesh (mm), with the fraction of samples closer
   to a training mesh than the encode/decode round trip (memorization);
 - ``diversity``: 10,000 random pairs: global, same identity code, same expression code (mm);
@@ -26,6 +27,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Sequence
 
 import numpy as np
 
@@ -54,7 +56,8 @@ class EvalConfig:
     decoupling_groups x decoupling_group_size: n anchors x m faces sharing a code (paper 100 x 100),
     also used by the oracle and the per-factor diversities; distribution_samples: samples compared with
     the test split by MMD/COV/1-NNA/KID (0 = as many as test meshes); generalization_limit: test
-    meshes fitted (0 = all); transfer_pairs: (target, source) test pairs of the transfer check; judges: judge profile ("small", "paper") or "none" to skip the learned
+    meshes fitted (0 = all); principal_components: the k of the real row's curve of the test meshes' error
+    on the training meshes' first k principal directions (:mod:`facegan.metrics.span`); transfer_pairs: (target, source) test pairs of the transfer check; judges: judge profile ("small", "paper") or "none" to skip the learned
     decoupling and KID; metrics: the groups of :data:`METRIC_GROUPS` to compute; seed: of every draw.
     """
 
@@ -64,6 +67,7 @@ class EvalConfig:
     decoupling_group_size: int = 100
     distribution_samples: int = 0
     generalization_limit: int = 0
+    principal_components: tuple[int, ...] = (10, 20, 40, 85, 200, 400)
     transfer_pairs: int = 32
     judges: str = "small"
     metrics: tuple[str, ...] = METRIC_GROUPS
@@ -73,13 +77,16 @@ class EvalConfig:
         check_known(self.metrics, METRIC_GROUPS, "metric", "evaluate")
         if min(self.specificity_samples, self.diversity_pairs, self.decoupling_groups) < 1 or self.decoupling_group_size < 2:
             raise FaceganError("evaluate: sample counts must be >= 1 and the group size >= 2")
+        if any(k < 0 for k in self.principal_components):
+            raise FaceganError(f"evaluate: principal_components={self.principal_components}: counts must be >= 0")
         return self
 
 
 @dataclass
 class EvaluationData:
     """What every evaluation on one dataset shares, computed once: train/test meshes in RAM, the exact
-    nearest-mesh index of the training set, the round-trip floor, the judges and the ICT oracle.
+    nearest-mesh index of the training set, the round-trip floor, the training people's span, the judges
+    and the ICT oracle.
 
     judges_dir: where the dataset's embedding networks are cached (default DATA/judges);
     ict: path of the ICT model for the oracle (None = the default location; the oracle is skipped when
@@ -125,6 +132,50 @@ class EvaluationData:
         codec = load_codec(self.dataset, 64)
         return self._timed("roundtrip", lambda: np.concatenate(
             [vertex_errors(codec, self.test[s:s + 64], "dense", "uint8").mean(axis=1) for s in range(0, len(self.test), 64)]))
+
+    @cached_property
+    def identity_span(self) -> dict | None:
+        """The training people's span (:mod:`facegan.metrics.span`): ``rows`` (n,) indices into the test split
+        of its meshes labeled neutral, ``distance`` (n,) mm, each one's distance to the affine hull of the
+        training people's neutral faces (each the mean of that person's neutral meshes). None when either
+        split has no neutral mesh."""
+        from facegan.baselines.common import NEUTRAL
+        from facegan.metrics.span import affine_span_residual
+
+        names = self.dataset.labels.class_names("expression")
+        if NEUTRAL not in names:
+            return None
+        neutral = names.index(NEUTRAL)
+        train, test = self.labels("train"), self.labels("test")
+        people = np.unique(train["identity"][(train["expression"] == neutral) & (train["identity"] >= 0)])
+        rows = np.flatnonzero(test["expression"] == neutral)
+        if len(people) == 0 or len(rows) == 0:
+            return None
+        basis = np.stack([self.train[(train["identity"] == p) & (train["expression"] == neutral)].mean(axis=0)
+                          for p in people])
+        return {"rows": rows, "distance": affine_span_residual(self.test[rows], basis)["per_face"]}
+
+    def principal_components_curve(self, components: Sequence[int]) -> dict[int, float]:
+        """{k: mm}: the test meshes' mean error on the first k principal directions of the training meshes
+        (:mod:`facegan.metrics.span`), the best k-dimensional linear model of the training set."""
+        from facegan.metrics.span import affine_span_residual
+
+        return self._timed("principal_components", lambda: affine_span_residual(
+            self.test, self.train, components=components)["by_components"])
+
+    def neutral_generalization(self, rows: np.ndarray, per_mesh: np.ndarray) -> dict:
+        """For per-mesh errors ``per_mesh`` (n,) mm of the test meshes ``rows`` (n,): ``neutral_mean``, their mean
+        over the neutral ones, and ``training_span_neutral``, those same meshes' distance to the training people's
+        span (:attr:`identity_span`); empty when there is none to compare."""
+        span = self.identity_span
+        if span is None:
+            return {}
+        on_neutral = np.isin(rows, span["rows"])
+        if not on_neutral.any():
+            return {}
+        distance = span["distance"][np.searchsorted(span["rows"], rows[on_neutral])]
+        return {"neutral_mean": float(per_mesh[on_neutral].mean()), "neutral_n": int(on_neutral.sum()),
+                "training_span_neutral": float(distance.mean())}
 
     @cached_property
     def judges(self) -> dict:
@@ -271,14 +322,16 @@ def _decoupling(judge, groups: np.ndarray) -> dict:
 
 
 def _generalization(generator: FaceGenerator, data: EvaluationData, config: EvalConfig) -> dict:
-    targets = data.test
-    if config.generalization_limit and len(targets) > config.generalization_limit:
-        targets = targets[np.linspace(0, len(targets) - 1, config.generalization_limit).round().astype(int)]
+    rows = np.arange(len(data.test))
+    if config.generalization_limit and len(rows) > config.generalization_limit:
+        rows = np.linspace(0, len(rows) - 1, config.generalization_limit).round().astype(int)
+    targets = data.test[rows]
     fitted = generator.fit(targets, seed=config.seed)
     per_vertex = np.linalg.norm(fitted - targets, axis=-1)  # (T, V) mm
     per_mesh = per_vertex.mean(axis=1)
     return {"mean": float(per_mesh.mean()), "median": float(np.median(per_mesh)), "max": float(per_mesh.max()),
             "n": int(len(targets)), "floor_roundtrip": float(data.roundtrip.mean()),
+            **data.neutral_generalization(rows, per_mesh),
             "vertex_errors": per_vertex.astype(np.float32),
             "targets": targets[:EXAMPLE_ROWS].copy(), "fits": fitted[:EXAMPLE_ROWS].copy()}
 
@@ -360,7 +413,9 @@ def _test_embeddings(data: EvaluationData, factor: str) -> np.ndarray:
 def evaluate_real(data: EvaluationData, config: EvalConfig | None = None) -> dict:
     """The reference row: held-out real faces scored as if a perfect model had made them.
 
-    generalization = the encode/decode round-trip floor of the test meshes; specificity = test meshes
+    generalization = the encode/decode round-trip floor of the test meshes, with the training set's references
+    (:mod:`facegan.metrics.span`: the training people's span on the neutral test meshes, the principal
+    components curve); specificity = test meshes
     against the training set; diversity = the training set's, with its labels (as the paper reports);
     decoupling = the percentage of same-label test pairs judged "same" (groups: one anchor per label,
     up to m members); oracle = training groups sharing a label; distribution = as many training meshes
@@ -379,7 +434,9 @@ def evaluate_real(data: EvaluationData, config: EvalConfig | None = None) -> dic
 
     floor = data.roundtrip
     run("generalization", lambda: {"mean": float(floor.mean()), "median": float(np.median(floor)),
-                                   "max": float(floor.max()), "n": int(len(floor)), "floor_roundtrip": float(floor.mean())})
+                                   "max": float(floor.max()), "n": int(len(floor)), "floor_roundtrip": float(floor.mean()),
+                                   **data.neutral_generalization(np.arange(len(floor)), floor),
+                                   "principal_components": data.principal_components_curve(config.principal_components)})
     run("specificity", lambda: _specificity(data.test, data))
     run("roughness", lambda: _roughness(data.test, data))
     train_labels = data.labels("train")

@@ -109,6 +109,18 @@ def transfer_row(result: dict) -> list[str]:
     return [_num(_get(result, "transfer", key)) for key in TRANSFER_KEYS]
 
 
+GENERALIZATION_HEADER = ("Gen.", "Median", "Max", "Neutral test faces", "Floor: round trip",
+                         "Training people's span (neutral)")
+GENERALIZATION_KEYS = ("mean", "median", "max", "neutral_mean", "floor_roundtrip", "training_span_neutral")
+
+
+def generalization_row(result: dict) -> list[str]:
+    """Generalization (mm) over the test meshes and their neutral ones, beside the encode/decode round trip (the
+    representation's floor) and the neutral faces' distance to the training people's span (what blends of the
+    training people reach, :mod:`facegan.metrics.span`)."""
+    return [_num(_get(result, "generalization", key)) for key in GENERALIZATION_KEYS]
+
+
 def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]) -> str:
     lines = ["| model | " + " | ".join(header) + " |", "|---" * (len(header) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(cells) + " |" for name, cells in rows]
@@ -116,13 +128,20 @@ def _table(header: Sequence[str], rows: Sequence[tuple[str, Sequence[str]]]) -> 
 
 
 def markdown_tables(results: Sequence[dict]) -> str:
-    """The paper's columns, then the columns beyond the paper, one row per result, and the transfer check's
-    table when a model was checked."""
+    """The paper's columns, then the columns beyond the paper, one row per result, the generalization table
+    when a model was fitted, and the transfer check's table when a model was checked."""
     paper = _table(PAPER_HEADER, [(r["model"], paper_row(r)) for r in results])
     beyond = _table(BEYOND_HEADER, [(r["model"], beyond_row(r)) for r in results])
     checked = [r for r in results if _get(r, "transfer") is not None]
     transfer = f"\n{_table(TRANSFER_HEADER, [(r['model'], transfer_row(r)) for r in checked])}\n" if checked else ""
-    return f"{paper}\n\n{beyond}\n{transfer}"
+    fitted = [r for r in results if _get(r, "generalization") is not None]
+    generalization = (f"\n{_table(GENERALIZATION_HEADER, [(r['model'], generalization_row(r)) for r in fitted])}\n"
+                      if fitted else "")
+    curve = next((c for r in fitted if (c := _get(r, "generalization", "principal_components"))), None)
+    if curve:
+        generalization += ("\nThe test meshes on the training meshes' first k principal directions (the best linear "
+                           "model of k dimensions): " + ", ".join(f"k = {k}: {_num(v)}" for k, v in curve.items()) + " mm.\n")
+    return f"{paper}\n\n{beyond}\n{generalization}{transfer}"
 
 
 def paper_table_markdown() -> str:

@@ -22,6 +22,7 @@ kid                         :func:`facegan.metrics.distribution.kernel_inception
 roughness                   :func:`facegan.metrics.roughness.roughness`
 oracle_decoupling           :func:`facegan.metrics.oracle.oracle_decoupling`
 decoupling                  :func:`facegan.metrics.decoupling.decoupling_score`
+affine_span_residual        :func:`facegan.metrics.span.affine_span_residual`
 ==========================  ==========================================================
 """
 
@@ -76,5 +77,6 @@ from facegan.metrics import (  # noqa: E402,F401
     diversity,
     oracle,
     roughness,
+    span,
     specificity,
 )
