@@ -179,6 +179,7 @@ def test_transfer_check_reads_a_do_nothing_edit(data, ict):
     assert check["pairs"] == 3 and check["error_mm"] == pytest.approx(check["untouched_mm"])
     assert check["identity_change_mm"] < 1e-6 and check["expression_miss_mm"] == pytest.approx(check["expression_gap_mm"])
     assert check["fit_identity_change_mm"] < 1e-6  # its fit is the target itself
+    assert check["fit_expression_miss_mm"] < 1e-6  # and the source's fit the source
     assert check["untouched_mm"] > 0.5  # sources are expressive faces: doing nothing is far from the truth
     assert check["detail_error_mm"] == pytest.approx(check["untouched_mm"]) and check["detail_identity_change_mm"] < 1e-6
     row = markdown_tables([{"model": "untouched", "metrics": {"transfer": check}}]).splitlines()[-1]

@@ -344,7 +344,9 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
     (expression geometry of the result vs the source's; expression_gap_mm = target vs source). The
     ``detail_`` entries measure the same for the edit applied to the target mesh itself (keep_detail), from
     the same fits; fit_identity_change_mm is the identity change of the target's own fit, before any edit
-    (the part of identity_change_mm that fitting alone makes); the ``shared_`` and ``shared_detail_`` entries
+    (the part of identity_change_mm that fitting alone makes), fit_expression_miss_mm the expression miss
+    of the source's own fit (how far from the source's expression the model's face already is before any
+    edit); the ``shared_`` and ``shared_detail_`` entries
     the same again with the faces of each person fitted with one identity code, for models that can
     (:func:`can_share_identity`)."""
     from facegan.fit import keep_detail
@@ -370,7 +372,9 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
     out = {"pairs": int(len(targets)), "untouched_mm": float(np.linalg.norm(targets - truth, axis=-1).mean()),
            "identity_gap_mm": rms("identity", coeffs["source"], coeffs["target"]),
            "expression_gap_mm": rms("expression", coeffs["target"], coeffs["source"]),
-           "fit_identity_change_mm": rms("identity", projector.project(target_fit), coeffs["target"])}
+           "fit_identity_change_mm": rms("identity", projector.project(target_fit), coeffs["target"]),
+           "fit_expression_miss_mm": rms("expression", projector.project(generator.fit(sources, seed=config.seed)),
+                                         coeffs["source"])}
     for prefix, result in results.items():
         projected = projector.project(result)
         out |= {f"{prefix}error_mm": float(np.linalg.norm(result - truth, axis=-1).mean()),

@@ -95,17 +95,20 @@ def beyond_row(result: dict) -> list[str]:
 
 
 TRANSFER_HEADER = ("Transfer", "Untouched", "Identity change", "Identity change of the fit alone", "Expression miss",
+                   "Expression miss of the source's fit",
                    "Kept detail: transfer", "Kept detail: identity change", "Identity shared: transfer",
                    "Identity shared: expression miss", "Identity shared, kept detail: transfer")
 TRANSFER_KEYS = ("error_mm", "untouched_mm", "identity_change_mm", "fit_identity_change_mm", "expression_miss_mm",
+                 "fit_expression_miss_mm",
                  "detail_error_mm", "detail_identity_change_mm", "shared_error_mm", "shared_expression_miss_mm",
                  "shared_detail_error_mm")
 
 
 def transfer_row(result: dict) -> list[str]:
     """The transfer check (mm): the edited face and the unedited target against the truth, the oracle's split
-    (and the identity change of the target's fit before the edit), the same for the edit applied to the target
-    mesh (keep_detail), and with each person's faces fitted with one identity code (models that can)."""
+    (and the identity change of the target's fit and the expression miss of the source's, before the edit),
+    the same for the edit applied to the target mesh (keep_detail), and with each person's faces fitted with
+    one identity code (models that can)."""
     return [_num(_get(result, "transfer", key)) for key in TRANSFER_KEYS]
 
 
