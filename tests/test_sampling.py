@@ -94,6 +94,11 @@ def test_the_default_bandwidth_is_silvermans_rule_per_code(tmp_path):
     widths = read_metadata(tmp_path / "model.safetensors")["bank_bandwidth"]
     assert widths["expression"] == pytest.approx((4 / (4 * 40)) ** (1 / 6))
     assert widths["noise"] == pytest.approx((4 / (3 * 40)) ** (1 / 5))
+    # a width given per code replaces the rule for that code only
+    export_model_from_checkpoint(tmp_path / "checkpoint.safetensors", tmp_path / "model.safetensors",
+                                 ["expression", "noise"], {"noise": 0.1})
+    assert read_metadata(tmp_path / "model.safetensors")["bank_bandwidth"] == {"expression": widths["expression"],
+                                                                              "noise": 0.1}
 
 
 def test_a_code_bank_needs_the_real_faces_codes_and_known_names(tmp_path):
@@ -105,12 +110,20 @@ def test_a_code_bank_needs_the_real_faces_codes_and_known_names(tmp_path):
         export_model_from_checkpoint(tmp_path / "rec.safetensors", tmp_path / "m.safetensors", ["pose"])
     with pytest.raises(FaceganError, match="bandwidth"):
         export_model_from_checkpoint(tmp_path / "rec.safetensors", tmp_path / "m.safetensors", ["noise"], -1.0)
+    with pytest.raises(FaceganError, match="bandwidth for expression: not a banked code"):
+        export_model_from_checkpoint(tmp_path / "rec.safetensors", tmp_path / "m.safetensors", ["noise"],
+                                     {"expression": 0.5})
     assert not (tmp_path / "m.safetensors").exists()
     done = subprocess.run([sys.executable, "-m", "facegan", "export-model", str(tmp_path / "plain.safetensors"),
                            "-o", str(tmp_path / "m.safetensors"), "--code-bank", "expression"],
                           capture_output=True, text=True)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert "no codes of the real faces" in done.stderr and not (tmp_path / "m.safetensors").exists()
+    done = subprocess.run([sys.executable, "-m", "facegan", "export-model", str(tmp_path / "rec.safetensors"),
+                           "-o", str(tmp_path / "m.safetensors"), "--code-bank", "noise", "--bandwidth", "noise:0.3"],
+                          capture_output=True, text=True)
+    assert done.returncode != 0 and "Traceback" not in done.stderr and "--bandwidth 'noise:0.3'" in done.stderr
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 @needs_shipped

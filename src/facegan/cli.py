@@ -17,13 +17,25 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 DEFAULT_DATA = Path("data/ict-small")
 BANK_HELP = ("Comma-separated codes (factor names or noise) to draw from the training faces' codes instead of N(0, I); "
              "needs a run trained with lambda_rec (docs/training.md, 'Sampling from the real faces' codes').")
-BANDWIDTH_HELP = ("Kernel width of the code bank, a fraction of each code dimension's standard deviation "
-                  "(default: Silverman's rule).")
+BANDWIDTH_HELP = ("Kernel width of the code bank, a fraction of each code dimension's standard deviation: one "
+                  "for all codes, or per code as 'identity=0.5,noise=0.3' (default: Silverman's rule).")
 
 
 def _names(listing: str) -> list[str]:
     """'a, b' -> ['a', 'b']."""
     return [n.strip() for n in listing.split(",") if n.strip()]
+
+
+def _bandwidth(text: str | None) -> float | dict[str, float] | None:
+    """'0.3' -> 0.3; 'identity=0.5, noise=0.3' -> {'identity': 0.5, 'noise': 0.3}; None -> None."""
+    if text is None:
+        return None
+    try:
+        if "=" not in text:
+            return float(text)
+        return {name.strip(): float(width) for name, width in (item.split("=") for item in _names(text))}
+    except ValueError:
+        raise FaceganError(f"--bandwidth {text!r}: give a number or name=number pairs separated by commas") from None
 
 
 def _progress() -> bool:
@@ -200,12 +212,12 @@ def export_model(
     checkpoint: Path = typer.Argument(..., help="A run's checkpoint.safetensors."),
     out: Path = typer.Option(..., "--out", "-o", help="Model file to write (G_ema, fixed codes, codec)."),
     code_bank: str = typer.Option("", help=BANK_HELP),
-    bandwidth: Optional[float] = typer.Option(None, help=BANDWIDTH_HELP),
+    bandwidth: Optional[str] = typer.Option(None, help=BANDWIDTH_HELP),
 ) -> None:
     """Write the few-MB sampling model of a training checkpoint (e.g. of a run still going)."""
     from facegan.train.checkpoint import export_model_from_checkpoint
 
-    export_model_from_checkpoint(checkpoint, out, _names(code_bank), bandwidth)
+    export_model_from_checkpoint(checkpoint, out, _names(code_bank), _bandwidth(bandwidth))
     typer.echo(f"wrote {out}")
 
 
@@ -353,12 +365,12 @@ def diagnose(
     group_size: int = typer.Option(40, help="Samples per group."),
     seed: int = typer.Option(0, help="Seed of every random draw."),
     code_bank: str = typer.Option("", help=BANK_HELP),
-    bandwidth: Optional[float] = typer.Option(None, help=BANDWIDTH_HELP),
+    bandwidth: Optional[str] = typer.Option(None, help=BANDWIDTH_HELP),
 ) -> None:
     """Why codes are (not) decoupled: what each code moves, and the feature loss on real and generated pairs."""
     from facegan.evaluation.diagnose import diagnose as run_diagnosis
 
-    path = run_diagnosis(run, data, out, pairs, groups, group_size, seed, _names(code_bank), bandwidth)
+    path = run_diagnosis(run, data, out, pairs, groups, group_size, seed, _names(code_bank), _bandwidth(bandwidth))
     typer.echo(path.read_text(), nl=False)
 
 

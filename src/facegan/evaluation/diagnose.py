@@ -213,7 +213,7 @@ def _markdown(run: str, effects: dict | None, floors: dict, accuracy: dict[str, 
 
 def diagnose(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, pairs: int = 2000,
              groups: int = 40, size: int = 40, seed: int = 0, bank: list[str] = (),
-             bandwidth: float | None = None) -> Path:
+             bandwidth: float | dict[str, float] | None = None) -> Path:
     """``facegan diagnose``: code effects and feature floors of a training checkpoint on a dataset; writes
     ``out``/diagnosis.md and diagnosis.json and returns the markdown path. ``bank``/``bandwidth``: draw
     those codes as the model exported with them would (:func:`~facegan.train.checkpoint.code_bank`)."""

@@ -190,20 +190,25 @@ def code_bank(tensors: dict[str, torch.Tensor], meta: dict[str, Any], names: lis
     return {n: blocks[n].contiguous() for n in names}
 
 
-def bank_bandwidths(bank: dict[str, torch.Tensor], bandwidth: float | None) -> dict[str, float]:
-    """The kernel width of each code of ``bank`` (name -> (N, size)): ``bandwidth`` for all, or with None
-    :func:`silverman_bandwidth` of each code's N and size."""
-    if bandwidth is not None and bandwidth < 0:
-        raise FaceganError(f"bandwidth {bandwidth}: must be >= 0")
-    return {n: silverman_bandwidth(*codes.shape) if bandwidth is None else float(bandwidth) for n, codes in bank.items()}
+def bank_bandwidths(bank: dict[str, torch.Tensor], bandwidth: float | dict[str, float] | None) -> dict[str, float]:
+    """The kernel width of each code of ``bank`` (name -> (N, size)): ``bandwidth`` for all, a dict of widths
+    for the codes it names, and :func:`silverman_bandwidth` of each code's N and size for the others."""
+    given = bandwidth if isinstance(bandwidth, dict) else {} if bandwidth is None else dict.fromkeys(bank, bandwidth)
+    unknown = [n for n in given if n not in bank]
+    if unknown:
+        raise FaceganError(f"bandwidth for {', '.join(unknown)}: not a banked code (banked: {', '.join(bank)})")
+    negative = [f"{n}={h}" for n, h in given.items() if h < 0]
+    if negative:
+        raise FaceganError(f"bandwidth {', '.join(negative)}: must be >= 0")
+    return {n: float(given[n]) if n in given else silverman_bandwidth(*codes.shape) for n, codes in bank.items()}
 
 
 def export_model_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, bank: list[str] = (),
-                                 bandwidth: float | None = None) -> Path:
+                                 bandwidth: float | dict[str, float] | None = None) -> Path:
     """Write the sampling model (G_ema, fixed codes, codec; a few MB) of a training checkpoint to ``out``,
     e.g. to ship the current state of a run that is still going. With ``bank`` (factor names or "noise"),
     the model draws those codes from the training faces' codes with a kernel of width ``bandwidth``
-    (None: Silverman's rule; :func:`bank_bandwidths`, :meth:`facegan.model.FaceModel.draw`) instead of
+    (one for all, or per code; Silverman's rule where not given: :func:`bank_bandwidths`, :meth:`facegan.model.FaceModel.draw`) instead of
     N(0, I)."""
     tensors, meta = load_checkpoint(checkpoint, "cpu")
     if meta.get("kind") != "checkpoint":
