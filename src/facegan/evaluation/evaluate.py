@@ -57,8 +57,10 @@ class EvalConfig:
     also used by the oracle and the per-factor diversities; distribution_samples: samples compared with
     the test split by MMD/COV/1-NNA/KID (0 = as many as test meshes); generalization_limit: test
     meshes fitted (0 = all); principal_components: the k of the real row's curve of the test meshes' error
-    on the training meshes' first k principal directions (:mod:`facegan.metrics.span`); transfer_pairs: (target, source) test pairs of the transfer check; judges: judge profile ("small", "paper") or "none" to skip the learned
-    decoupling and KID; metrics: the groups of :data:`METRIC_GROUPS` to compute; seed: of every draw.
+    on the training meshes' first k principal directions (:mod:`facegan.metrics.span`); transfer_pairs:
+    (target, source) test pairs of the transfer check; judges: judge profile ("small", "paper") or "none" to
+    skip the learned decoupling and KID; metrics: the groups of :data:`METRIC_GROUPS` to compute; seed: of
+    every draw.
     """
 
     specificity_samples: int = 1000
@@ -346,9 +348,8 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
     the same fits; fit_identity_change_mm is the identity change of the target's own fit, before any edit
     (the part of identity_change_mm that fitting alone makes), fit_expression_miss_mm the expression miss
     of the source's own fit (how far from the source's expression the model's face already is before any
-    edit); the ``shared_`` and ``shared_detail_`` entries
-    the same again with the faces of each person fitted with one identity code, for models that can
-    (:func:`can_share_identity`)."""
+    edit); the ``shared_`` and ``shared_detail_`` entries the same again with the faces of each person fitted
+    with one identity code, for models that can (:func:`can_share_identity`)."""
     from facegan.fit import keep_detail
 
     targets_rows, sources_rows = data.transfer_pairs(config.transfer_pairs, config.seed)
@@ -419,8 +420,7 @@ def evaluate_real(data: EvaluationData, config: EvalConfig | None = None) -> dic
 
     generalization = the encode/decode round-trip floor of the test meshes, with the training set's references
     (:mod:`facegan.metrics.span`: the training people's span on the neutral test meshes, the principal
-    components curve); specificity = test meshes
-    against the training set; diversity = the training set's, with its labels (as the paper reports);
+    components curve); specificity = test meshes against the training set; diversity = the training set's, with its labels (as the paper reports);
     decoupling = the percentage of same-label test pairs judged "same" (groups: one anchor per label,
     up to m members); oracle = training groups sharing a label; distribution = as many training meshes
     as test meshes against the test split; roughness = the test meshes'.
