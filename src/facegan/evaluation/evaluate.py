@@ -420,10 +420,11 @@ def evaluate_real(data: EvaluationData, config: EvalConfig | None = None) -> dic
 
     generalization = the encode/decode round-trip floor of the test meshes, with the training set's references
     (:mod:`facegan.metrics.span`: the training people's span on the neutral test meshes, the principal
-    components curve); specificity = test meshes against the training set; diversity = the training set's, with its labels (as the paper reports);
-    decoupling = the percentage of same-label test pairs judged "same" (groups: one anchor per label,
-    up to m members); oracle = training groups sharing a label; distribution = as many training meshes
-    as test meshes against the test split; roughness = the test meshes'.
+    components curve); specificity = test meshes against the training set; diversity = the training set's,
+    with its labels (as the paper reports); decoupling = the percentage of same-label test pairs judged
+    "same" (groups: one anchor per label, up to m members); oracle = training groups sharing a label;
+    distribution = as many training meshes as test meshes against the test split; roughness = the test
+    meshes'.
     """
     config = (config or EvalConfig()).validate()
     wanted = set(config.metrics)
