@@ -125,8 +125,9 @@ class TrainingSet:
         return means[:, k], counts[:, k] > 0
 
 
-def training_set(dataset) -> TrainingSet:
-    """The train split of a :class:`facegan.data.dataset.RegisteredDataset`, loaded into memory."""
+def training_set(dataset, meshes: np.ndarray | None = None) -> TrainingSet:
+    """The train split of a :class:`facegan.data.dataset.RegisteredDataset`, loaded into memory (or
+    ``meshes``, the split's (n, V, 3) meshes when the caller holds them already)."""
     rows = dataset.split("train")
     if len(rows) == 0:
         raise FaceganError(f"{dataset.root}: the train split is empty")
@@ -138,7 +139,7 @@ def training_set(dataset) -> TrainingSet:
         compact[present] = np.arange(len(present))
         names = dataset.labels.class_names(factor)
         labels[factor] = (np.where(index >= 0, compact[index], -1), [names[i] for i in present])
-    meshes = np.asarray(dataset.meshes[rows], dtype=np.float32)
+    meshes = np.asarray(dataset.meshes[rows] if meshes is None else meshes, dtype=np.float32)
     return TrainingSet(meshes, labels["identity"][0], labels["expression"][0], labels["identity"][1],
                        labels["expression"][1])
 

@@ -141,20 +141,18 @@ class EvaluationData:
         of its meshes labeled neutral, ``distance`` (n,) mm, each one's distance to the affine hull of the
         training people's neutral faces (each the mean of that person's neutral meshes). None when either
         split has no neutral mesh."""
-        from facegan.baselines.common import NEUTRAL
+        from facegan.baselines.common import NEUTRAL, training_set
         from facegan.metrics.span import affine_span_residual
 
         names = self.dataset.labels.class_names("expression")
         if NEUTRAL not in names:
             return None
-        neutral = names.index(NEUTRAL)
-        train, test = self.labels("train"), self.labels("test")
-        people = np.unique(train["identity"][(train["expression"] == neutral) & (train["identity"] >= 0)])
-        rows = np.flatnonzero(test["expression"] == neutral)
-        if len(people) == 0 or len(rows) == 0:
+        rows = np.flatnonzero(self.labels("test")["expression"] == names.index(NEUTRAL))
+        train = training_set(self.dataset, self.train)
+        if len(rows) == 0 or NEUTRAL not in train.expression_names:
             return None
-        basis = np.stack([self.train[(train["identity"] == p) & (train["expression"] == neutral)].mean(axis=0)
-                          for p in people])
+        faces, has_neutral = train.neutral_faces()  # (I, 3V) float64, (I,)
+        basis = faces[has_neutral].numpy().reshape(-1, *self.train.shape[1:])
         return {"rows": rows, "distance": affine_span_residual(self.test[rows], basis)["per_face"]}
 
     def principal_components_curve(self, components: Sequence[int]) -> dict[int, float]:

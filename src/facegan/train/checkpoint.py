@@ -207,9 +207,9 @@ def export_model_from_checkpoint(checkpoint: str | os.PathLike, out: str | os.Pa
                                  bandwidth: float | dict[str, float] | None = None) -> Path:
     """Write the sampling model (G_ema, fixed codes, codec; a few MB) of a training checkpoint to ``out``,
     e.g. to ship the current state of a run that is still going. With ``bank`` (factor names or "noise"),
-    the model draws those codes from the training faces' codes with a kernel of width ``bandwidth``
-    (one for all, or per code; Silverman's rule where not given: :func:`bank_bandwidths`, :meth:`facegan.model.FaceModel.draw`) instead of
-    N(0, I)."""
+    the model draws those codes from the training faces' codes with a kernel of width ``bandwidth`` (one
+    for all, or per code; Silverman's rule where not given: :func:`bank_bandwidths`,
+    :meth:`facegan.model.FaceModel.draw`) instead of N(0, I)."""
     tensors, meta = load_checkpoint(checkpoint, "cpu")
     if meta.get("kind") != "checkpoint":
         raise FaceganError(f"{checkpoint}: not a training checkpoint (kind {meta.get('kind')!r})")
