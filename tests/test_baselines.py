@@ -157,9 +157,11 @@ def test_bad_input_is_a_user_error(models, kind, train_meshes):
 def test_transferring_a_faces_own_expression_gives_its_fit(models, kind, train_meshes):
     model = models[kind]
     targets = train_meshes[:3]
-    edited, fitted = model.transfer(targets, targets)
+    edited, target_fit, source_fit = model.transfer(targets, targets)
     np.testing.assert_allclose(edited, model.fit(targets), atol=1e-4)
-    np.testing.assert_allclose(keep_detail(edited, fitted, targets), targets, atol=1e-4)  # no edit
+    np.testing.assert_allclose(target_fit, model.fit(targets), atol=1e-4)
+    np.testing.assert_allclose(source_fit, target_fit, atol=1e-6)  # the same faces, the same fits
+    np.testing.assert_allclose(keep_detail(edited, target_fit, targets), targets, atol=1e-4)  # no edit
     with pytest.raises(FaceganError, match="3 targets but 2 sources"):
         model.transfer(targets, targets[:2])
     with pytest.raises(FaceganError, match="unknown factor 'age'"):

@@ -234,3 +234,19 @@ def test_edit_files_bad_input_writes_nothing(model, codes, tmp_path, case):
     with pytest.raises(FaceganError):
         edit_files(out, model, src, tgt, **kwargs)
     assert not out.exists()
+
+
+def test_gan_transfer_gives_the_edit_and_both_fits_from_one_fit(model, codes):
+    """GanGenerator.transfer: the target with its source's expression, and the targets' and sources'
+    own fits, all decoded densely; a face that is both a target and a source has one fit."""
+    from facegan.evaluation.generators import GanGenerator
+
+    faces = edit_meshes(model, codes).numpy()
+    gan = GanGenerator(model, fit_options=FAST)
+    targets, sources = faces[:2], faces[1:]
+    result = gan.transfer(targets, sources)
+    assert all(x.shape == targets.shape for x in result)
+    np.testing.assert_allclose(result.target_fit[1], result.source_fit[0], atol=1e-4)  # face 1, fitted once each way
+    same = gan.transfer(targets, targets)
+    np.testing.assert_allclose(same.edited, same.target_fit, atol=1e-4)  # its own expression: no edit
+    np.testing.assert_allclose(same.source_fit, same.target_fit, atol=1e-4)

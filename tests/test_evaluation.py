@@ -9,7 +9,7 @@ import pytest
 from facegan.errors import FaceganError
 from facegan.evaluation.evaluate import EvalConfig, EvaluationData, evaluate, evaluate_real
 from facegan.evaluation.experiment import _cached_evaluation, findings
-from facegan.evaluation.generators import FaceGenerator
+from facegan.evaluation.generators import FaceGenerator, Transfer
 from facegan.evaluation.report import json_ready, markdown_tables, write_report
 
 from conftest import needs_ict
@@ -170,7 +170,7 @@ class Untouched(LinearICT):
 
     def transfer(self, targets, sources, factor="expression", seed=0):
         unedited = np.asarray(targets, np.float32).copy()
-        return unedited, unedited
+        return Transfer(unedited, unedited, np.asarray(sources, np.float32).copy())
 
 
 def test_transfer_check_reads_a_do_nothing_edit(data, ict):

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from facegan.errors import FaceganError, check_known
+from facegan.evaluation.generators import Transfer
 from facegan.train.checkpoint import load_checkpoint, save_checkpoint
 
 FACTORS = ("identity", "expression")
@@ -269,16 +270,20 @@ class BaselineModel:
         return self._in_chunks(lambda rows: self.decode(self.fit_codes(x[rows])), len(x))
 
     def transfer(self, targets: np.ndarray, sources: np.ndarray, factor: str = "expression",
-                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """(edited, fitted), (P, V, 3) float32 mm each: each target (P, V, 3) fitted, with the code of
-        ``factor`` of its fitted source (P, V, 3), and each target's own fit (:meth:`fit`)."""
+                 seed: int = 0) -> Transfer:
+        """Each target (P, V, 3) mm fitted, with the code of ``factor`` of its fitted source (P, V, 3),
+        and the targets' and sources' own fits (:meth:`fit`): a :class:`Transfer`, float32 mm.
+
+        The fits are deterministic; ``seed`` is accepted for the protocol."""
         check_known([factor], self.factors, "factor", "transfer")
         t, s = check_meshes(targets, self.n_vertices), check_meshes(sources, self.n_vertices)
         if len(t) != len(s):
             raise FaceganError(f"transfer: {len(t)} targets but {len(s)} sources")
-        edited = self._in_chunks(lambda rows: self.decode(self.fit_codes(t[rows]) | {factor: self.fit_codes(s[rows])[factor]}),
-                                 len(t))
-        return edited, self.fit(targets)
+        with torch.no_grad():
+            target, source = self.fit_codes(t), self.fit_codes(s)
+        edited = target | {factor: source[factor]}
+        return Transfer(*(self._in_chunks(lambda rows, codes=codes: self.decode({f: c[rows] for f, c in codes.items()}), len(t))
+                          for codes in (edited, target, source)))
 
     def _in_chunks(self, faces: Callable[[slice], Tensor], total: int) -> np.ndarray:
         """(total, V, 3) float32 from ``faces(rows)`` -> (rows, 3V), without gradients, 1024 rows at a time."""

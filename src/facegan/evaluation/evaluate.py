@@ -352,13 +352,14 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
 
     targets_rows, sources_rows = data.transfer_pairs(config.transfer_pairs, config.seed)
     targets, sources = data.dataset.meshes[targets_rows], data.dataset.meshes[sources_rows]
-    edited, target_fit = generator.transfer(targets, sources, "expression", seed=config.seed)
-    results = {"": edited, "detail_": keep_detail(edited, target_fit, np.asarray(targets, np.float32))}
+    alone = generator.transfer(targets, sources, "expression", seed=config.seed)
+    results = {"": alone.edited, "detail_": keep_detail(alone.edited, alone.target_fit, np.asarray(targets, np.float32))}
     if can_share_identity(generator):
         person = data.dataset.labels.class_indices("identity")
-        edited, fitted = generator.transfer(targets, sources, "expression", seed=config.seed,
-                                            people=(person[targets_rows], person[sources_rows]))
-        results |= {"shared_": edited, "shared_detail_": keep_detail(edited, fitted, np.asarray(targets, np.float32))}
+        shared = generator.transfer(targets, sources, "expression", seed=config.seed,
+                                    people=(person[targets_rows], person[sources_rows]))
+        results |= {"shared_": shared.edited,
+                    "shared_detail_": keep_detail(shared.edited, shared.target_fit, np.asarray(targets, np.float32))}
     truth = data.transfer_truth(targets_rows, sources_rows)
     projector = data.oracle[0]
     coeffs = {k: projector.project(x) for k, x in (("target", targets), ("source", sources))}
@@ -371,9 +372,8 @@ def _transfer(generator: FaceGenerator, data: EvaluationData, config: EvalConfig
     out = {"pairs": int(len(targets)), "untouched_mm": float(np.linalg.norm(targets - truth, axis=-1).mean()),
            "identity_gap_mm": rms("identity", coeffs["source"], coeffs["target"]),
            "expression_gap_mm": rms("expression", coeffs["target"], coeffs["source"]),
-           "fit_identity_change_mm": rms("identity", projector.project(target_fit), coeffs["target"]),
-           "fit_expression_miss_mm": rms("expression", projector.project(generator.fit(sources, seed=config.seed)),
-                                         coeffs["source"])}
+           "fit_identity_change_mm": rms("identity", projector.project(alone.target_fit), coeffs["target"]),
+           "fit_expression_miss_mm": rms("expression", projector.project(alone.source_fit), coeffs["source"])}
     for prefix, result in results.items():
         projected = projector.project(result)
         out |= {f"{prefix}error_mm": float(np.linalg.norm(result - truth, axis=-1).mean()),

@@ -15,14 +15,14 @@ from __future__ import annotations
 import inspect
 import os
 from pathlib import Path
-from typing import Callable, Protocol, Sequence, runtime_checkable
+from typing import Callable, NamedTuple, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
 
 from facegan.errors import FaceganError, lookup
 
-__all__ = ["FaceGenerator", "GanGenerator", "can_transfer", "can_share_identity", "register_loader", "load_generator", "generator_kind"]
+__all__ = ["FaceGenerator", "GanGenerator", "Transfer", "can_transfer", "can_share_identity", "register_loader", "load_generator", "generator_kind"]
 
 FACTORS = ("identity", "expression")
 
@@ -49,10 +49,23 @@ class FaceGenerator(Protocol):
         ...
 
 
+class Transfer(NamedTuple):
+    """What a model's ``transfer`` returns, (P, V, 3) float32 mm each, all decoded the same way.
+
+    edited: each target fitted and given its fitted source's code of the factor; target_fit: each
+    target's own fit (what :func:`facegan.fit.keep_detail` needs); source_fit: each source's own fit
+    (how far the model already is from the source before any edit). One fit of each face gives all three.
+    """
+
+    edited: np.ndarray
+    target_fit: np.ndarray
+    source_fit: np.ndarray
+
+
 def can_transfer(generator: FaceGenerator) -> bool:
     """Whether the model also edits: ``transfer(targets (P, V, 3), sources (P, V, 3), factor="expression",
-    seed=0) -> (edited, fitted)``, both (P, V, 3) mm: each target fitted and given its source's code of
-    ``factor``, and each target's own fit decoded the same way (what :func:`facegan.fit.keep_detail` needs)."""
+    seed=0) -> Transfer``: each target fitted and given its source's code of ``factor``, with the
+    targets' and the sources' own fits (:class:`Transfer`)."""
     return callable(getattr(generator, "transfer", None))
 
 
@@ -101,10 +114,10 @@ class GanGenerator:
         return self._fit(meshes, seed).vertices.numpy()
 
     def transfer(self, targets: np.ndarray, sources: np.ndarray, factor: str = "expression",
-                 seed: int = 0, people: tuple[Sequence, Sequence] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(edited, fitted), (P, V, 3) mm each: each target face with its source's ``factor`` (both fitted
-        first, then the source's code replaces the target's: the supplementary's expression transfer), and
-        each target's own fit, both decoded densely. people: the person of each target and of each source;
+                 seed: int = 0, people: tuple[Sequence, Sequence] | None = None) -> Transfer:
+        """Each target face with its source's ``factor`` (both fitted first, then the source's code
+        replaces the target's: the supplementary's expression transfer), and the targets' and sources'
+        own fits, all decoded densely (:class:`Transfer`). people: the person of each target and of each source;
         the faces of one person, targets and sources, are then fitted with one identity code."""
         from facegan.fit import edit_meshes, replace_factor
 
@@ -112,8 +125,8 @@ class GanGenerator:
         fitted = self._fit(np.concatenate([targets, sources]), seed, share).codes
         target = {k: v[:len(targets)] for k, v in fitted.items()}
         source = {k: v[len(targets):] for k, v in fitted.items()}
-        return (edit_meshes(self.model, replace_factor(target, source, factor)).numpy(),
-                edit_meshes(self.model, target).numpy())
+        return Transfer(*(edit_meshes(self.model, codes).numpy()
+                          for codes in (replace_factor(target, source, factor), target, source)))
 
 
 Loader = Callable[[Path, dict], FaceGenerator]
