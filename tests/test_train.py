@@ -67,6 +67,19 @@ def test_config_unknown_key():
         make_config(overrides=["x=1"])
 
 
+@pytest.mark.parametrize("override, problem", [
+    ("batch_size=0", "batch_size=0: must be positive"),
+    ("descriptor_ridge=0", "descriptor_ridge=0.0: must be positive"),
+    ("lambda_rec=-1", r"lambda_rec=-1.0: must be >= 0 \(0 = off\)"),
+    ("max_iters=-1", r"max_iters=-1: must be >= 0"),
+    ("rec_novel=1.5", r"rec_novel=1.5: must be a fraction in \[0, 1\]"),
+    ("ema_beta=1", r"ema_beta=1.0: must be in \[0, 1\)"),
+])
+def test_config_values_no_run_can_use_are_refused(override, problem):
+    with pytest.raises(FaceganError, match=f"config {problem}"):
+        make_config(overrides=[override])
+
+
 def test_config_types_profiles_toml(tmp_path):
     cfg = make_config("small", overrides=["lr_d=1e-3", "code_sizes=[10, 5, 3]", "channels_last=false", "amp=none"])
     assert cfg.lr_d == 1e-3 and cfg.code_sizes == [10, 5, 3] and cfg.channels_last is False

@@ -152,43 +152,31 @@ class TrainConfig:
         _check_choice("generator", self.generator, GENERATORS)
         positive = ["noise_size", "extra_code_size", "g_channels", "d_channels", "max_channels_mult",
                     "feature_size", "batch_size", "d_steps", "epochs", "ckpt_every_iters", "ckpt_every_epochs",
-                    "sample_every_epochs", "log_every",
-                    "sample_grid"]
+                    "sample_every_epochs", "log_every", "sample_grid", "descriptor_ridge"]
         for key in positive:
             if getattr(self, key) <= 0:
                 raise FaceganError(f"config {key}={getattr(self, key)}: must be positive")
+        # 0 turns each of these off (max_iters: no limit; lr_decay_iters: constant rates)
+        for key in ("descriptor_size", "lambda_pair", "lambda_rec", "lr_decay_iters", "max_iters"):
+            if getattr(self, key) < 0:
+                raise FaceganError(f"config {key}={getattr(self, key)}: must be >= 0 (0 = off)")
+        for key in ("recombine", "recombine_novel", "rec_novel"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise FaceganError(f"config {key}={getattr(self, key)}: must be a fraction in [0, 1]")
         if not self.code_sizes or any(s <= 0 for s in self.code_sizes):
             raise FaceganError(f"config code_sizes={self.code_sizes}: need positive sizes")
-        if self.descriptor_size < 0:
-            raise FaceganError(f"config descriptor_size={self.descriptor_size}: must be >= 0 (0 = off)")
         _check_choice("descriptor", self.descriptor, DESCRIPTORS)
-        if self.descriptor_ridge <= 0:
-            raise FaceganError(f"config descriptor_ridge={self.descriptor_ridge}: must be positive")
         if self.descriptor_prototypes and not (self.descriptor_size and self.descriptor == "linear"):
             raise FaceganError("config descriptor_prototypes needs descriptor='linear' and descriptor_size > 0")
-        if not 0.0 <= self.recombine <= 1.0:
-            raise FaceganError(f"config recombine={self.recombine}: must be a fraction in [0, 1]")
         if self.recombine_critic and not self.recombine:
             raise FaceganError("config recombine_critic needs recombine > 0")
-        if not 0.0 <= self.recombine_novel <= 1.0:
-            raise FaceganError(f"config recombine_novel={self.recombine_novel}: must be a fraction in [0, 1]")
         if self.recombine_novel and not self.recombine:
             raise FaceganError("config recombine_novel needs recombine > 0")
-        if self.lambda_pair < 0:
-            raise FaceganError(f"config lambda_pair={self.lambda_pair}: must be >= 0")
-        if self.lambda_rec < 0:
-            raise FaceganError(f"config lambda_rec={self.lambda_rec}: must be >= 0 (0 = off)")
         if self.rec_steps < 0 or self.rec_lr <= 0 or self.rec_radius < 0:
             raise FaceganError(f"config rec_steps={self.rec_steps}, rec_lr={self.rec_lr}, "
                                f"rec_radius={self.rec_radius}: need rec_steps >= 0, rec_lr > 0 and rec_radius >= 0")
-        if not 0.0 <= self.rec_novel <= 1.0:
-            raise FaceganError(f"config rec_novel={self.rec_novel}: must be a fraction in [0, 1]")
         if self.rec_novel and not self.lambda_rec:
             raise FaceganError("config rec_novel needs lambda_rec > 0")
-        if self.lr_decay_iters < 0:
-            raise FaceganError(f"config lr_decay_iters={self.lr_decay_iters}: must be >= 0 (0 = constant rates)")
-        if self.max_iters < 0:
-            raise FaceganError(f"config max_iters={self.max_iters}: must be >= 0 (0 = no limit)")
         if not 0.0 <= self.ema_beta < 1.0:
             raise FaceganError(f"config ema_beta={self.ema_beta}: must be in [0, 1)")
         return self
