@@ -1,6 +1,7 @@
 """The evaluation layer on models with known answers: toy generators built from the ICT model itself,
 so the oracle knows exactly what each one does."""
 
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -320,3 +321,24 @@ def test_table1_experiment_resumes_from_its_files(data, tmp_path, monkeypatch):
     monkeypatch.setattr("facegan.baselines.train_baseline", lambda *a, **k: pytest.fail("re-trained a baseline"))
     assert experiment.table1(data.dataset.root, tmp_path / "results", runs=tmp_path / "runs", models=["linear"],
                              progress=False).read_text() == text
+
+
+def test_evaluate_fits_with_the_given_options_and_records_them(data, tmp_path, monkeypatch):
+    """The GANs fit with the caller's FitOptions (the baselines take none); report.json says which."""
+    from dataclasses import replace
+
+    from facegan.evaluation import experiment
+    from facegan.evaluation.generators import GanGenerator
+    from facegan.fit import FitOptions
+    from test_fitting import small_model
+
+    gan = GanGenerator(small_model(), name="gan")
+    monkeypatch.setattr(experiment, "load_generator", lambda path, name: gan)
+    seen = []
+    monkeypatch.setattr(experiment, "evaluate", lambda g, d, c: seen.append(g.fit_options) or {"model": g.name, "metrics": {}})
+    options = replace(FitOptions(), iterations=7, starts=3)
+    experiment.evaluate_models(data.dataset.root, tmp_path / "report", ["any"], config=SMALL, real=False,
+                               progress=False, fit_options=options)
+    assert seen == [options]
+    header = json.loads((tmp_path / "report" / "report.json").read_text())["gan_fit_options"]
+    assert header["iterations"] == 7 and header["starts"] == 3

@@ -235,6 +235,14 @@ def curves(
     typer.echo(f"wrote {out}")
 
 
+def _fit_options(iterations: Optional[int], init: Optional[str], starts: int, **fixed):
+    """FitOptions with the options given on the command line, the defaults for the rest."""
+    from facegan.fit import FitOptions
+
+    given = {key: value for key, value in (("iterations", iterations), ("init", init)) if value is not None}
+    return FitOptions(starts=starts, **given, **fixed)
+
+
 @app.command()
 def fit(
     meshes: List[Path] = typer.Argument(None, help="Registered meshes (OBJ/PLY) to fit."),
@@ -252,11 +260,10 @@ def fit(
                                              "meshes with one label; else by all the meshes (scans of one person)."),
 ) -> None:
     """Find latent codes for registered faces (Eq. 12); writes fitted meshes, codes and errors in mm."""
-    from facegan.fit import FitOptions, fit_files, fit_split
+    from facegan.fit import fit_files, fit_split
     from facegan.sampling import load
 
-    given = {key: value for key, value in (("iterations", iterations), ("init", init)) if value is not None}
-    options = FitOptions(seed=seed, dense=True, starts=starts, **given)
+    options = _fit_options(iterations, init, starts, seed=seed, dense=True)
     if data is not None:
         result = fit_split(data, split, out, load(run), limit=limit, vertex_mask=mask, options=options, share=share)
     elif meshes:
@@ -342,6 +349,9 @@ def evaluate(
     pairs: int = typer.Option(10000, help="Diversity pairs (paper: 10,000)."),
     limit: int = typer.Option(0, help="Test meshes fitted for generalization (0 = all)."),
     seed: int = typer.Option(0, help="Seed of every random draw."),
+    fit_iterations: Optional[int] = typer.Option(None, help="GAN fits: Adam iterations (default: 300)."),
+    fit_init: Optional[str] = typer.Option(None, help="GAN fits: first start, zero (default) or random."),
+    fit_starts: int = typer.Option(1, help="GAN fits: starts per face, the best kept."),
 ) -> None:
     """Table-1 metrics of trained models and baselines against a dataset, with the real-data row."""
     from facegan.evaluation.evaluate import METRIC_GROUPS, EvalConfig
@@ -351,7 +361,8 @@ def evaluate(
     config = EvalConfig(specificity_samples=samples, diversity_pairs=pairs, decoupling_groups=groups,
                         decoupling_group_size=group_size, generalization_limit=limit, judges=judges, metrics=chosen,
                         seed=seed)
-    path = evaluate_models(data, out, list(run) or [None], name, config, real, _progress())
+    path = evaluate_models(data, out, list(run) or [None], name, config, real, _progress(),
+                           fit_options=_fit_options(fit_iterations, fit_init, fit_starts))
     typer.echo(f"wrote {path}")
 
 

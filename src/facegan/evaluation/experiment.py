@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +21,8 @@ import numpy as np
 from facegan.data.dataset import RegisteredDataset, open_dataset
 from facegan.errors import FaceganError, check_known, lookup
 from facegan.evaluation.evaluate import EvalConfig, EvaluationData, evaluate, evaluate_real
-from facegan.evaluation.generators import load_generator
+from facegan.evaluation.generators import GanGenerator, load_generator
+from facegan.fit import FitOptions
 from facegan.evaluation.report import json_ready, paper_table_markdown, write_report
 from facegan.fileio import read_json, write_json
 
@@ -72,18 +73,25 @@ def _header(ds: RegisteredDataset, config: EvalConfig, data: EvaluationData) -> 
 
 def evaluate_models(data: str | os.PathLike, out: str | os.PathLike, models: Sequence[str | os.PathLike | None],
                     names: Sequence[str] = (), config: EvalConfig | None = None, real: bool = True,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, fit_options: FitOptions | None = None) -> Path:
     """``facegan evaluate``: evaluate each model (run folder, model file, baseline file; None = the
     shipped model) on the dataset ``data`` and write ``out``/report.md, report.json and figures/.
-    names: report labels (default: each model's own); real: add the held-out real-data row."""
+    names: report labels (default: each model's own); real: add the held-out real-data row;
+    fit_options: how the GANs fit faces (default ``FitOptions()``; the baselines' fits are closed-form
+    or one encoder pass and take no options). The report's header records them."""
     config = (config or EvalConfig()).validate()
+    fit_options = fit_options or FitOptions()
     if names and len(names) != len(models):
         raise FaceganError(f"evaluate: {len(names)} names for {len(models)} models")
     generators = [load_generator(m, n) for m, n in zip(models, list(names) or [None] * len(models))]
+    for generator in generators:
+        if isinstance(generator, GanGenerator):
+            generator.fit_options = fit_options
     evaluation = _load_data(data, config.judges, progress)
     results = [evaluate_real(evaluation, config)] if real else []
     results += [evaluate(g, evaluation, config) for g in generators]
-    return write_report(out, results, evaluation.dataset.template.triangles, _header(evaluation.dataset, config, evaluation))
+    header = _header(evaluation.dataset, config, evaluation) | {"gan_fit_options": asdict(fit_options)}
+    return write_report(out, results, evaluation.dataset.template.triangles, header)
 
 
 # --------------------------------------------------------------------------------------------- table 1
