@@ -22,9 +22,9 @@ from facegan.data.dataset import RegisteredDataset, open_dataset
 from facegan.errors import FaceganError, check_known, lookup
 from facegan.evaluation.evaluate import EvalConfig, EvaluationData, evaluate, evaluate_real
 from facegan.evaluation.generators import GanGenerator, load_generator
-from facegan.fit import FitOptions
 from facegan.evaluation.report import json_ready, paper_table_markdown, write_report
 from facegan.fileio import read_json, write_json
+from facegan.fit import FitOptions
 
 __all__ = ["evaluate_models", "table1", "ExperimentProfile", "EXPERIMENT_PROFILES", "TABLE1_MODELS"]
 
