@@ -80,7 +80,7 @@ def evaluate_models(data: str | os.PathLike, out: str | os.PathLike, models: Seq
     fit_options: how the GANs fit faces (default ``FitOptions()``; the baselines' fits are closed-form
     or one encoder pass and take no options). The report's header records them."""
     config = (config or EvalConfig()).validate()
-    fit_options = fit_options or FitOptions()
+    fit_options = (fit_options or FitOptions()).validate()  # before any data is read
     if names and len(names) != len(models):
         raise FaceganError(f"evaluate: {len(names)} names for {len(models)} models")
     generators = [load_generator(m, n) for m, n in zip(models, list(names) or [None] * len(models))]
