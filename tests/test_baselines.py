@@ -162,6 +162,7 @@ def test_transferring_a_faces_own_expression_gives_its_fit(models, kind, train_m
     np.testing.assert_allclose(target_fit, model.fit(targets), atol=1e-4)
     np.testing.assert_allclose(source_fit, target_fit, atol=1e-6)  # the same faces, the same fits
     np.testing.assert_allclose(keep_detail(edited, target_fit, targets), targets, atol=1e-4)  # no edit
+    assert all(x.shape == (0, *targets.shape[1:]) for x in model.transfer(targets[:0], targets[:0]))  # no pairs
     with pytest.raises(FaceganError, match="3 targets but 2 sources"):
         model.transfer(targets, targets[:2])
     with pytest.raises(FaceganError, match="unknown factor 'age'"):

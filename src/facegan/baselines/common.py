@@ -220,7 +220,7 @@ def check_meshes(meshes: np.ndarray, n_vertices: int) -> Tensor:
     bad = np.flatnonzero(~np.isfinite(x).all(axis=(1, 2)))
     if len(bad):
         raise FaceganError(f"fit: mesh {bad[0]} has NaN or infinite coordinates ({len(bad)} such meshes)")
-    return torch.from_numpy(x.astype(np.float64)).reshape(len(x), -1)
+    return torch.from_numpy(x.astype(np.float64)).reshape(len(x), 3 * n_vertices)
 
 
 # ---------------------------------------------------------------------------------- the model base
@@ -279,11 +279,16 @@ class BaselineModel:
         t, s = check_meshes(targets, self.n_vertices), check_meshes(sources, self.n_vertices)
         if len(t) != len(s):
             raise FaceganError(f"transfer: {len(t)} targets but {len(s)} sources")
-        with torch.no_grad():
-            target, source = self.fit_codes(t), self.fit_codes(s)
+        target, source = self._fit_codes_in_chunks(t), self._fit_codes_in_chunks(s)
         edited = target | {factor: source[factor]}
         return Transfer(*(self._in_chunks(lambda rows, codes=codes: self.decode({f: c[rows] for f, c in codes.items()}), len(t))
                           for codes in (edited, target, source)))
+
+    def _fit_codes_in_chunks(self, x: Tensor) -> dict[str, Tensor]:
+        """:meth:`fit_codes` of ``x`` (N, 3V), without gradients, 1024 rows at a time: {factor: (N, size)}."""
+        with torch.no_grad():
+            parts = [self.fit_codes(x[start:start + _CHUNK]) for start in range(0, len(x), _CHUNK)]
+        return {f: torch.cat([p[f] for p in parts]) if parts else x.new_zeros(0, size) for f, size in self.code_sizes.items()}
 
     def _in_chunks(self, faces: Callable[[slice], Tensor], total: int) -> np.ndarray:
         """(total, V, 3) float32 from ``faces(rows)`` -> (rows, 3V), without gradients, 1024 rows at a time."""
