@@ -148,8 +148,10 @@ class EvaluationData:
         if NEUTRAL not in names:
             return None
         rows = np.flatnonzero(self.labels("test")["expression"] == names.index(NEUTRAL))
+        if len(rows) == 0:
+            return None
         train = training_set(self.dataset, self.train)
-        if len(rows) == 0 or NEUTRAL not in train.expression_names:
+        if NEUTRAL not in train.expression_names:
             return None
         faces, has_neutral = train.neutral_faces()  # (I, 3V) float64, (I,)
         basis = faces[has_neutral].numpy().reshape(-1, *self.train.shape[1:])
