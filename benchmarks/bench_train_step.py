@@ -21,6 +21,10 @@ and the gradient penalty's double backward). Times are the fastest of ``--iters`
 interleaved. The peak is the best of a large matmul and a large convolution, measured in the same run at
 the same precision. Images/s counts the real images D consumes: batch * d_steps per iteration.
 
+On a CPU without native bfloat16 (facegan.device.native_bfloat16: AVX2 only, say), where training runs in
+float32 whatever ``amp`` says, the bf16 settings are left out and the default setting is
+``+retained heap (fp32)``: fused Adam in float32 with the retained heap.
+
 A last table bounds what any change outside the convolution kernels can buy: in the default setting, the
 convolutions' own time in an iteration (torch.profiler's self time of the aten convolution ops, fewest of
 ``--iters`` profiled iterations) and their FLOPs (the counter's convolution ops) give the share of peak the
@@ -48,7 +52,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from facegan.device import retain_freed_memory
+from facegan.device import native_bfloat16, retain_freed_memory
 from facegan.train.config import make_config
 from facegan.train.data import TrainingImages
 from facegan.train.loop import DistEnv, Trainer, epoch_permutation
@@ -60,6 +64,15 @@ MODES = {  # name -> (amp, channels_last, fused Adam, retained heap)
     "+bf16": ("bf16", True, True, False),
     "+retained heap (opt)": ("bf16", True, True, True),
 }
+FP32_MODES = {  # where bfloat16 is emulated: the same steps without it
+    **{name: MODES[name] for name in ("fp32", "+channels_last", "+fused_adam")},
+    "+retained heap (fp32)": ("none", True, True, True),
+}
+
+
+def settings() -> dict[str, tuple[str, bool, bool, bool]]:
+    """The settings this CPU is timed in, from plain fp32 to the default (the last)."""
+    return MODES if native_bfloat16(torch.device("cpu")) else FP32_MODES
 
 
 def synthetic_data(n: int, resolution: int = 64, n_id: int = 300, n_exp: int = 7) -> TrainingImages:
@@ -74,7 +87,7 @@ def synthetic_data(n: int, resolution: int = 64, n_id: int = 300, n_exp: int = 7
 
 
 def make_trainer(data: TrainingImages, width: int, mode: str, run_dir: Path) -> Trainer:
-    amp, channels_last, fused, heap = MODES[mode]
+    amp, channels_last, fused, heap = settings()[mode]
     cfg = make_config("small", overrides=[f"g_channels={width}", f"d_channels={width}", f"amp={amp}",
                                           f"channels_last={channels_last}", f"retain_heap={heap}", "progress=false"])
     trainer = Trainer(data, cfg, run_dir, False, None, None, DistEnv())
@@ -171,7 +184,7 @@ def child(args: argparse.Namespace) -> dict:
     retained = args.heap == "retained"
     if retained:
         retain_freed_memory()
-    modes = [m for m in MODES if MODES[m][3] == retained]
+    modes = [m for m, setting in settings().items() if setting[3] == retained]
     data = synthetic_data(64 * 3 * (args.iters + 2))
     result = {"alloc_ms": allocation_ms(), "flops": {}, "conv_flops": {}, "seconds": {}, "conv_seconds": {},
               "rest_ops": {}}
@@ -201,9 +214,17 @@ def main() -> None:
     if args.heap:
         print(json.dumps(child(args)))
         return
-    peaks = {"fp32": measured_peak(torch.float32), "bf16": measured_peak(torch.bfloat16)}
+    modes = settings()
+    default = list(modes)[-1]
+    peaks = {"fp32": measured_peak(torch.float32)}
+    if modes is MODES:
+        peaks["bf16"] = measured_peak(torch.bfloat16)
+    else:
+        print("this CPU has no native bfloat16 (emulated, many times slower): the bf16 settings are left out and "
+              "training runs in float32")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak (matmul/conv): "
-          f"fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s", flush=True)
+          + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()), flush=True)
+    default_peak = peaks["bf16" if modes[default][0] == "bf16" else "fp32"]
     seconds: dict[str, dict[str, float]] = {}
     alloc: dict[str, float] = {}
     flops: dict[str, int] = {}
@@ -230,20 +251,20 @@ def main() -> None:
     print(f"{'width':>5} {'setting':<20} {'s/iter':>7} {'img/s':>6} {'GFLOP/it':>9} {'GFLOP/s':>8} {'of peak':>8} {'speedup':>8}")
     for width, by_mode in seconds.items():
         base = by_mode["fp32"]
-        for mode in MODES:
+        for mode, setting in modes.items():
             sec = by_mode[mode]
             achieved = flops[width] / sec
-            peak = peaks["bf16" if MODES[mode][0] == "bf16" else "fp32"]
+            peak = peaks["bf16" if setting[0] == "bf16" else "fp32"]
             print(f"{width:>5} {mode:<20} {sec:>7.3f} {64 * 3 / sec:>6.0f} {flops[width] / 1e9:>9.1f} "
                   f"{achieved / 1e9:>8.1f} {achieved / peak:>8.1%} {base / sec:>7.2f}x")
-    print("\nThe convolutions alone in the default setting's iteration (their own time under the profiler): a ceiling "
-          "on the iteration's share of peak")
+    print(f"\nThe convolutions alone in the default setting's ({default}) iteration (their own time under the "
+          "profiler): a ceiling on the iteration's share of peak")
     print(f"{'width':>5} {'conv GFLOP':>10} {'of all':>7} {'conv s':>7} {'GFLOP/s':>8} {'of peak':>8} {'rest s':>7}")
     for width, sec in conv_seconds.items():
         rate = conv_flops[width] / sec
-        rest = seconds[width]["+retained heap (opt)"] - sec
+        rest = seconds[width][default] - sec
         print(f"{width:>5} {conv_flops[width] / 1e9:>10.1f} {conv_flops[width] / flops[width]:>7.1%} {sec:>7.3f} "
-              f"{rate / 1e9:>8.1f} {rate / peaks['bf16']:>8.1%} {rest:>7.3f}")
+              f"{rate / 1e9:>8.1f} {rate / default_peak:>8.1%} {rest:>7.3f}")
     for width, ops in rest_ops.items():
         print(f"widths {width}, the other ops with the most own time (profiled): "
               + "; ".join(f"{name} x{calls} {sec:.3f} s" for name, calls, sec in ops))

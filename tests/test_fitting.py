@@ -112,9 +112,20 @@ def test_fit_recovers_generated_faces(model, generated):
     assert result.loss_history.shape == (FAST.iterations, 4)
     assert (result.loss_history[-1] < result.loss_history[0]).all()
     assert result.restarts.tolist() == [0, 0, 0, 0]
-    # the default (bf16) path reaches the same bound
+    # the default precision (bf16 where the CPU runs it natively) reaches the same bound
     assert fit_meshes(model, faces[:1], options=FitOptions(iterations=100, threads=1)).mean_error.max() < 0.05 * typical
 
+
+
+def test_a_bf16_fit_is_an_fp32_fit_where_bfloat16_is_emulated(model, generated, monkeypatch):
+    """Emulated bfloat16 is many times slower than float32 (facegan.device.native_bfloat16): there the
+    default precision fits in fp32, the same codes as asking for fp32."""
+    faces, _, _ = generated
+    monkeypatch.setattr(fitting, "native_bfloat16", lambda device: False)
+    asked_bf16 = fit_meshes(model, faces[:2], options=replace(FAST, iterations=20, precision="bf16"))
+    asked_fp32 = fit_meshes(model, faces[:2], options=replace(FAST, iterations=20))
+    for name in asked_fp32.codes:
+        torch.testing.assert_close(asked_bf16.codes[name], asked_fp32.codes[name], atol=0, rtol=0)
 
 def test_fitted_codes_regenerate_the_fit(model, generated):
     faces, _, _ = generated

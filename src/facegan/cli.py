@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -405,8 +406,14 @@ def experiment_table1(
     typer.echo(f"wrote {path}")
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit status 1, never a traceback."""
+    """Entry point: user errors become one line on stderr and exit status 1, never a traceback; warnings
+    are one line too."""
+    warnings.formatwarning = _one_line_warning
     try:
         app(standalone_mode=False)
     except FaceganError as exc:

@@ -21,8 +21,8 @@ start (see :class:`FitOptions` for the rule); a restart only replaces a face's r
 
 Speed (2 CPU cores): the generator's BatchNorm layers are folded into the preceding layers (G is
 frozen), the bilinear read is one sparse matrix product per pass (forward and backward) instead of
-gathers and scatter-adds, convolutions run channels-last in bf16 autocast, and the loop never
-synchronizes with the host. See docs/fitting.md for the measurements behind the defaults.
+gathers and scatter-adds, convolutions run channels-last in bf16 autocast (where the CPU has native
+bfloat16), and the loop never synchronizes with the host. See docs/fitting.md for the measurements behind the defaults.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ import scipy.sparse as sp
 import torch
 import torch.nn as nn
 
-from facegan.device import idle_threads, torch_threads
+from facegan.device import idle_threads, native_bfloat16, torch_threads
 from facegan.errors import FaceganError
 from facegan.geometry_image import GeometryImageCodec, bilinear_matrix
 from facegan.model import FaceModel
@@ -63,7 +63,8 @@ class FitOptions:
     starts: starts per face in the first attempt, optimized together as one batch; each face keeps the
     start with the lowest final loss (for a fit that settles in a poorer minimum, which the restart rule
     below does not see). The first is ``init``'s, the others random; a single-start fit is the first.
-    precision: "bf16" (autocast convolutions, ~1.3x faster on CPU) or "fp32"; the final errors are
+    precision: "bf16" (autocast convolutions, ~1.3x faster on a CPU with native bfloat16; where the
+    device has none, facegan.device.native_bfloat16, the fit runs in fp32) or "fp32"; the final errors are
     always evaluated in fp32.
     Restart rule, applied after each attempt to every face: restart if its final loss is not finite,
     or it is *stalled* (final loss > ``stall_fraction`` x its starting loss; for a random start only: a start
@@ -402,7 +403,9 @@ class _Objective:
                  prior_weight: float, precision: str):
         self.network, self.reader = network, reader
         self.weights = weights
-        self.prior_weight, self.precision = prior_weight, precision
+        self.prior_weight = prior_weight
+        # bf16 only where the device runs it natively; emulated bf16 is many times slower than fp32
+        self.precision = precision if native_bfloat16(targets.device) else "fp32"
         # v~ - v = offset + scale * read - v: the constant part is subtracted once, not every step
         self.negative_rest = reader.offset - targets
 

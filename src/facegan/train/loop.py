@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from facegan.device import retain_freed_memory
+from facegan.device import native_bfloat16, retain_freed_memory
 from facegan.errors import FaceganError
 from facegan.fileio import atomic_path, read_json, write_json
 from facegan.nn.losses import (BatchPlan, CodeBatch, FaceGANLoss, LossWeights, VariantSpec, class_weights,
@@ -162,10 +162,13 @@ def lr_scale(iteration: int, total_iters: int, decay_iters: int) -> float:
 
 
 def make_autocast(amp: str, device: torch.device) -> Callable[[], ContextManager]:
+    """The mixed-precision context of ``amp`` on ``device``: bf16 autocast only where the device runs
+    bfloat16 natively (facegan.device.native_bfloat16), float32 otherwise."""
     if amp == "none":
         return contextlib.nullcontext
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        warnings.warn("this GPU has no bfloat16: training in float32")
+    if not native_bfloat16(device):
+        warnings.warn(f"amp = {amp}: this {'GPU' if device.type == 'cuda' else 'CPU'} has no native bfloat16 "
+                      "(emulated, many times slower than float32): training in float32")
         return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
 
