@@ -90,6 +90,35 @@ def test_reader_gradient_is_the_transposed_read(model, use_scipy):
     torch.testing.assert_close(images.grad, reference.grad, atol=1e-5, rtol=1e-5)
 
 
+
+@pytest.mark.parametrize("use_scipy", [True, False], ids=["scipy", "torch-csr"])
+def test_weighted_distances_are_eq12_data_term_face_by_face(model, use_scipy):
+    """sum_i w_i ||v~_i - v_i|| per face and its gradient, against a loop over faces through the plain read
+    and autograd."""
+    reader = VertexReader(codec_of(model), use_scipy=use_scipy)
+    images = torch.randn(3, 3, 32, 32).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    with torch.no_grad():
+        targets = reader(images) + torch.randn(3, reader.n_vertices, 3)
+    weights = (torch.rand(3, reader.n_vertices) > 0.3).float()
+    got = reader.weighted_distances(images, (reader.offset - targets).transpose(0, 1).contiguous(),
+                                    weights.T.contiguous())
+    (got * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
+    for b, factor in enumerate([1.0, -2.0, 0.5]):
+        face = images.detach()[b:b + 1].clone().requires_grad_(True)
+        expected = (torch.linalg.vector_norm(reader(face)[0] - targets[b], dim=-1) * weights[b]).sum()
+        (factor * expected).backward()
+        torch.testing.assert_close(got[b], expected.detach(), atol=1e-2, rtol=1e-5)
+        torch.testing.assert_close(images.grad[b], face.grad[0], atol=1e-4, rtol=1e-3)  # float32 sums, other order
+
+
+def test_weighted_distances_of_a_perfect_read_have_zero_gradient(model):
+    """Every vertex on its target: the distances are 0 and the gradient is 0 (the norm's subgradient), not NaN."""
+    reader = VertexReader(codec_of(model))
+    images = torch.zeros(2, 3, 32, 32, requires_grad=True)
+    got = reader.weighted_distances(images, torch.zeros(reader.n_vertices, 2, 3), torch.ones(reader.n_vertices, 2))
+    got.sum().backward()
+    assert got.tolist() == [0.0, 0.0] and images.grad.abs().max() == 0
+
 def test_bilinear_matrix_equals_bilinear_read():
     points = np.array([[0.0, 0.0], [3.25, 7.5], [15.0, 15.0], [14.999, 0.5], [7.0, 3.0]])
     rows, cols, w = bilinear_matrix(points, 16, 16)

@@ -21,8 +21,9 @@ start (see :class:`FitOptions` for the rule); a restart only replaces a face's r
 
 Speed (2 CPU cores): the generator's BatchNorm layers are folded into the preceding layers (G is
 frozen), the bilinear read is one sparse matrix product per pass (forward and backward) instead of
-gathers and scatter-adds, convolutions run channels-last in bf16 autocast (where the CPU has native
-bfloat16), and the loop never synchronizes with the host. See docs/fitting.md for the measurements behind the defaults.
+gathers and scatter-adds, fused with the distances of Eq. 12 into one autograd function, convolutions
+run channels-last in bf16 autocast (where the CPU has native bfloat16), and the loop never synchronizes
+with the host. See docs/fitting.md for the measurements behind the defaults.
 """
 
 from __future__ import annotations
@@ -173,16 +174,38 @@ class _SparseRead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, images: torch.Tensor, reader: "VertexReader") -> torch.Tensor:
-        b, c, h, w = images.shape
-        ctx.reader, ctx.shape = reader, (b, c, h, w)
-        pixels = images.permute(2, 3, 0, 1).reshape(h * w, b * c)  # one product for the whole batch
-        return reader.product(pixels, transpose=False).view(-1, b, c).permute(1, 0, 2)
+        ctx.reader, ctx.shape = reader, images.shape
+        return reader.read_columns(images).permute(1, 0, 2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        b, c, h, w = ctx.shape
-        g = ctx.reader.product(grad.permute(1, 0, 2).reshape(-1, b * c), transpose=True)
-        return g.view(h, w, b, c).permute(2, 3, 0, 1), None
+        return ctx.reader.read_back(grad.permute(1, 0, 2), ctx.shape), None
+
+
+class _ReadDistance(torch.autograd.Function):
+    """Eq. 12's data term per face, sum_i w_ib ||rest_ib + scale * (M @ images_b)_i||: (B,), for images
+    (B, C, H, W), rest (V, B, C) = offset - targets and weights w (V, B).
+
+    The same as reading with :class:`_SparseRead` and letting autograd differentiate the distances, in one
+    pass each way and in the reader's (V, B, C) layout, which spares the permuted copies and the
+    intermediate tensors of the composition (docs/fitting.md, Speed). The gradient of a zero-length
+    residual is zero, the subgradient torch's vector norm takes."""
+
+    @staticmethod
+    def forward(ctx, images: torch.Tensor, reader: "VertexReader", rest: torch.Tensor,
+                weights: torch.Tensor) -> torch.Tensor:
+        residual = torch.addcmul(rest, reader.read_columns(images), reader.scale)
+        distance = torch.linalg.vector_norm(residual, dim=-1)
+        ctx.reader, ctx.shape = reader, images.shape
+        ctx.save_for_backward(residual, distance, weights)
+        return (distance * weights).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        residual, distance, weights = ctx.saved_tensors
+        factor = torch.where(distance > 0, weights * grad / distance, 0.0)
+        grad_read = (residual * factor[..., None]).mul_(ctx.reader.scale)
+        return ctx.reader.read_back(grad_read, ctx.shape), None, None, None
 
 
 class VertexReader:
@@ -230,9 +253,25 @@ class VertexReader:
             return torch.from_numpy(matrix @ x.detach().contiguous().numpy())
         return (self.matrix_t if transpose else self.matrix) @ x
 
+    def read_columns(self, images: torch.Tensor) -> torch.Tensor:
+        """(V, B, C) reads M @ images of images (B, C, R, R) in any memory format: one product for the
+        whole batch, no autograd."""
+        b, c, h, w = images.shape
+        return self.product(images.permute(2, 3, 0, 1).reshape(h * w, b * c), transpose=False).view(-1, b, c)
+
+    def read_back(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The gradient of images of ``shape`` (B, C, R, R) from that of their reads (V, B, C): M^T @ grad."""
+        b, c, h, w = shape
+        return self.product(grad.reshape(-1, b * c), transpose=True).view(h, w, b, c).permute(2, 3, 0, 1)
+
     def read(self, images: torch.Tensor) -> torch.Tensor:
         """(B, V, 3) bilinear reads M @ images of images (B, 3, R, R), without offset and scale."""
         return _SparseRead.apply(images.float(), self)
+
+    def weighted_distances(self, images: torch.Tensor, rest: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(B,) sum_i w_ib ||rest_ib + scale * read_ib|| for images (B, 3, R, R), rest (V, B, 3) and
+        weights (V, B): with rest = offset - targets, each face's weighted sum of vertex distances."""
+        return _ReadDistance.apply(images.float(), self, rest, weights)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self.offset, self.read(images), self.scale)
@@ -402,20 +441,19 @@ class _Objective:
     def __init__(self, network: nn.Module, reader: VertexReader, targets: torch.Tensor, weights: torch.Tensor,
                  prior_weight: float, precision: str):
         self.network, self.reader = network, reader
-        self.weights = weights
         self.prior_weight = prior_weight
         # bf16 only where the device runs it natively; emulated bf16 is many times slower than fp32
         self.precision = precision if native_bfloat16(targets.device) else "fp32"
-        # v~ - v = offset + scale * read - v: the constant part is subtracted once, not every step
-        self.negative_rest = reader.offset - targets
+        # v~ - v = offset + scale * read - v: the constant part is subtracted once, not every step; both in
+        # the reader's (V, B) layout
+        self.rest = (reader.offset - targets).transpose(0, 1).contiguous()
+        self.weights = weights.T.contiguous()
 
     def losses(self, z: torch.Tensor, precision: str | None = None) -> torch.Tensor:
         """Eq. 12 per face (B,) for codes z (B, z_dim)."""
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=(precision or self.precision) == "bf16"):
             images = self.network(z)
-        read = self.reader.read(images)
-        distance = torch.linalg.vector_norm(torch.addcmul(self.negative_rest, read, self.reader.scale), dim=-1)
-        return (distance * self.weights).sum(1) + self.prior_weight * z.square().sum(1)
+        return self.reader.weighted_distances(images, self.rest, self.weights) + self.prior_weight * z.square().sum(1)
 
 
 def _optimize(objective: _Objective, start: torch.Tensor, options: FitOptions,
