@@ -7,7 +7,8 @@
 Speed: fits the test split's meshes (175 in data/ict-small, the paper's test-set size) in one
 batch with the default FitOptions, and a few of them one by one (same options, same starts), and
 prints faces/s and the batch speed-up over one-by-one (scaled to the whole split), both measured
-in this run. Without --run the generator is an untrained one at the small profile's width
+in this run, and the time of Eq. 12's data term with its gradient as the fit computes it (one autograd
+function) against autograd through the plain read, side by side. Without --run the generator is an untrained one at the small profile's width
 (``--width``, default 32 = ``g_channels`` of the small profile): the cost of a step does not depend
 on the weights. Wall and CPU seconds and the load average are printed: on a shared machine the wall
 time depends on what else runs.
@@ -35,7 +36,7 @@ import torch
 
 from facegan.data.dataset import open_dataset
 from facegan.data.encode import load_codec
-from facegan.fit.fitting import FitOptions, decode_codes, fit_meshes, untrained_model
+from facegan.fit.fitting import FitOptions, VertexReader, decode_codes, fit_meshes, untrained_model
 from facegan.sampling import codec_of
 from facegan.fit.outputs import cumulative_error_plot
 from facegan.geometry_image.roundtrip import vertex_errors
@@ -70,6 +71,33 @@ def speed(model, meshes: np.ndarray, options: FitOptions, n_single: int) -> None
     print(f"one by one ({n_single} faces): {per_face:.2f} s per face -> {per_face * n:.0f} s for {n} "
           f"(scaled); batch speed-up x{per_face * n / wall:.1f}; {load_line()}")
     return batch
+
+
+def data_term(model, meshes: np.ndarray, rounds: int = 10) -> None:
+    """Eq. 12's data term and its gradient for all the faces at once, as the fit computes it (one autograd
+    function, VertexReader.weighted_distances) and as autograd through the plain read and the norm, the two
+    interleaved in one run (fastest of ``rounds`` each)."""
+    reader = VertexReader(codec_of(model))
+    targets = torch.from_numpy(meshes)
+    r = codec_of(model).resolution
+    images = torch.rand(len(meshes), 3, r, r).mul(2).sub(1).contiguous(memory_format=torch.channels_last)
+    images.requires_grad_(True)
+    rest, weights = (reader.offset - targets).transpose(0, 1).contiguous(), torch.ones(reader.n_vertices, len(meshes))
+
+    def one_pass():
+        return reader.weighted_distances(images, rest, weights)
+
+    def through_autograd():
+        return torch.linalg.vector_norm(reader(images) - targets, dim=-1).sum(1)
+
+    best = {}
+    for _ in range(rounds):
+        for name, term in (("one pass", one_pass), ("autograd", through_autograd)):
+            start = time.perf_counter()
+            torch.autograd.grad(term().sum(), images)
+            best[name] = min(best.get(name, float("inf")), time.perf_counter() - start)
+    print(f"data term and gradient of {len(meshes)} faces: {best['one pass'] * 1e3:.1f} ms in one pass, "
+          f"{best['autograd'] * 1e3:.1f} ms through autograd, x{best['autograd'] / best['one pass']:.2f}")
 
 
 def generalization(model: FaceModel, ds, meshes: np.ndarray, result, out: Path) -> None:
@@ -134,6 +162,7 @@ def main() -> None:
         sweep(model, meshes, args.sweep, args.threads)
         return
     result = speed(model, meshes, options, args.single)
+    data_term(model, meshes)
     if args.run is not None:
         generalization(model, ds, meshes, result, args.out)
 

@@ -30,7 +30,7 @@ convolutions' own time in an iteration (torch.profiler's self time of the aten c
 ``--iters`` profiled iterations) and their FLOPs (the counter's convolution ops) give the share of peak the
 kernels themselves reach; the iteration, which also runs everything else, cannot exceed it.
 
-    python benchmarks/bench_train_step.py            # both widths, ~4 minutes on 2 cores
+    python benchmarks/bench_train_step.py            # both widths, ~4 minutes on 2 AVX-512 cores, ~8 on AVX2
     python benchmarks/bench_train_step.py --widths 32 --iters 5
     python benchmarks/bench_train_step.py --threads 1   # on a shared, oversubscribed machine (see below)
 
