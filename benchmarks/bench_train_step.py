@@ -23,7 +23,8 @@ the same precision. Images/s counts the real images D consumes: batch * d_steps 
 
 On a CPU without native bfloat16 (facegan.device.native_bfloat16: AVX2 only, say), where training runs in
 float32 whatever ``amp`` says, the bf16 settings are left out and the default setting is
-``+retained heap (fp32)``: fused Adam in float32 with the retained heap.
+``+retained heap (fp32)``: fused Adam in float32 with the retained heap. The run then prints what bf16
+would have cost instead: the rates of a small matmul and convolution in float32 and in emulated bfloat16.
 
 A last table bounds what any change outside the convolution kernels can buy: in the default setting, the
 convolutions' own time in an iteration (torch.profiler's self time of the aten convolution ops, fewest of
@@ -169,6 +170,31 @@ def measured_peak(dtype: torch.dtype, reps: int = 5) -> float:
     return best
 
 
+def emulation_rates(calls: int = 3) -> dict[str, tuple[float, float]]:
+    """FLOP/s in (float32, bfloat16) of a 512^2 matmul and of a 3x3 convolution (128 channels, 16x16, batch
+    64), each the fastest of ``calls``: what autocast would cost on a CPU that emulates bfloat16 (small
+    sizes: emulated bf16 runs large matmuls at a fraction of a GFLOP/s)."""
+    n = 512
+    operands = {"matmul 512^2": ((torch.randn(n, n), torch.randn(n, n)), torch.matmul, 2 * n ** 3),
+                "conv 3x3, 128 channels": ((torch.randn(64, 128, 16, 16), torch.randn(128, 128, 3, 3)),
+                                           lambda x, w: torch.conv2d(x, w, padding=1), 2 * 64 * 128 * 128 * 9 * 256)}
+    rates = {}
+    for name, (inputs, op, flops) in operands.items():
+        rate = []
+        for dtype in (torch.float32, torch.bfloat16):
+            args = [t.to(dtype).contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t.to(dtype)
+                    for t in inputs]
+            op(*args)
+            seconds = []
+            for _ in range(calls):
+                start = time.perf_counter()
+                op(*args)
+                seconds.append(time.perf_counter() - start)
+            rate.append(flops / min(seconds))
+        rates[name] = (rate[0], rate[1])
+    return rates
+
+
 def allocation_ms(reps: int = 20) -> float:
     """Milliseconds to allocate and fill a 32 MB float32 tensor (a clone of a 2048x4096 weight)."""
     w = torch.randn(2048, 4096)
@@ -221,7 +247,9 @@ def main() -> None:
         peaks["bf16"] = measured_peak(torch.bfloat16)
     else:
         print("this CPU has no native bfloat16 (emulated, many times slower): the bf16 settings are left out and "
-              "training runs in float32")
+              "training runs in float32; fp32 against emulated bf16: "
+              + "; ".join(f"{name} {fp32 / 1e9:.1f} against {bf16 / 1e9:.2f} GFLOP/s (x{fp32 / bf16:.0f})"
+                          for name, (fp32, bf16) in emulation_rates().items()))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; peak (matmul/conv): "
           + ", ".join(f"{name} {peak / 1e9:.0f} GFLOP/s" for name, peak in peaks.items()), flush=True)
     default_peak = peaks["bf16" if modes[default][0] == "bf16" else "fp32"]

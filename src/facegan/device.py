@@ -20,8 +20,8 @@ def default_device() -> torch.device:
 def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` runs bfloat16 convolutions and matrix products natively: a CUDA GPU with bf16,
     or a CPU where oneDNN has a bf16 path (AVX-512 or AMX, or Arm's bf16). Elsewhere bfloat16 is emulated
-    and far slower than float32 (measured on an AVX2-only CPU: a 3x3 convolution 9x slower, a 2048^2
-    matrix product 500x), so mixed precision must fall back to float32 there."""
+    and far slower than float32 (``python benchmarks/bench_train_step.py`` prints both on such a CPU;
+    docs/training.md, Speed), so mixed precision must fall back to float32 there."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
