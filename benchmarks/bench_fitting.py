@@ -8,10 +8,10 @@ Speed: fits the test split's meshes (175 in data/ict-small, the paper's test-set
 batch with the default FitOptions, and a few of them one by one (same options, same starts), and
 prints faces/s and the batch speed-up over one-by-one (scaled to the whole split), both measured
 in this run, and the time of Eq. 12's data term with its gradient as the fit computes it (one autograd
-function) against autograd through the plain read, side by side. Without --run the generator is an untrained one at the small profile's width
-(``--width``, default 32 = ``g_channels`` of the small profile): the cost of a step does not depend
-on the weights. Wall and CPU seconds and the load average are printed: on a shared machine the wall
-time depends on what else runs.
+function) against autograd through the plain read, side by side. Without --run the generator is an
+untrained one at the small profile's width (``--width``, default 32 = ``g_channels`` of the small
+profile): the cost of a step does not depend on the weights. Wall and CPU seconds and the load average
+are printed: on a shared machine the wall time depends on what else runs.
 
 With --run (a trained model and its dataset) it also reports generalization: the mean vertex
 error (mm) on the test split after fitting (paper, Table 1: 0.74 mm), next to the encode/decode
@@ -82,7 +82,7 @@ def data_term(model, meshes: np.ndarray, rounds: int = 10) -> None:
     r = codec_of(model).resolution
     images = torch.rand(len(meshes), 3, r, r).mul(2).sub(1).contiguous(memory_format=torch.channels_last)
     images.requires_grad_(True)
-    rest, weights = (reader.offset - targets).transpose(0, 1).contiguous(), torch.ones(reader.n_vertices, len(meshes))
+    rest, weights = reader.distance_operands(targets, torch.ones(targets.shape[:2]))
 
     def one_pass():
         return reader.weighted_distances(images, rest, weights)

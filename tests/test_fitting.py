@@ -90,7 +90,6 @@ def test_reader_gradient_is_the_transposed_read(model, use_scipy):
     torch.testing.assert_close(images.grad, reference.grad, atol=1e-5, rtol=1e-5)
 
 
-
 @pytest.mark.parametrize("use_scipy", [True, False], ids=["scipy", "torch-csr"])
 def test_weighted_distances_are_eq12_data_term_face_by_face(model, use_scipy):
     """sum_i w_i ||v~_i - v_i|| per face and its gradient, against a loop over faces through the plain read
@@ -100,8 +99,7 @@ def test_weighted_distances_are_eq12_data_term_face_by_face(model, use_scipy):
     with torch.no_grad():
         targets = reader(images) + torch.randn(3, reader.n_vertices, 3)
     weights = (torch.rand(3, reader.n_vertices) > 0.3).float()
-    got = reader.weighted_distances(images, (reader.offset - targets).transpose(0, 1).contiguous(),
-                                    weights.T.contiguous())
+    got = reader.weighted_distances(images, *reader.distance_operands(targets, weights))
     (got * torch.tensor([1.0, -2.0, 0.5])).sum().backward()
     for b, factor in enumerate([1.0, -2.0, 0.5]):
         face = images.detach()[b:b + 1].clone().requires_grad_(True)

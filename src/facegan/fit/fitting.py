@@ -268,9 +268,15 @@ class VertexReader:
         """(B, V, 3) bilinear reads M @ images of images (B, 3, R, R), without offset and scale."""
         return _SparseRead.apply(images.float(), self)
 
+    def distance_operands(self, targets: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The operands of :meth:`weighted_distances` for targets (B, V, 3) mm and vertex weights (B, V), made
+        once per fit: rest = offset - targets (V, B, 3), the constant part of v~ - v, and the weights (V, B),
+        both in the reader's layout."""
+        return (self.offset - targets).transpose(0, 1).contiguous(), weights.T.contiguous()
+
     def weighted_distances(self, images: torch.Tensor, rest: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """(B,) sum_i w_ib ||rest_ib + scale * read_ib|| for images (B, 3, R, R), rest (V, B, 3) and
-        weights (V, B): with rest = offset - targets, each face's weighted sum of vertex distances."""
+        weights (V, B) from :meth:`distance_operands`: each face's weighted sum of vertex distances."""
         return _ReadDistance.apply(images.float(), self, rest, weights)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -444,10 +450,7 @@ class _Objective:
         self.prior_weight = prior_weight
         # bf16 only where the device runs it natively; emulated bf16 is many times slower than fp32
         self.precision = precision if native_bfloat16(targets.device) else "fp32"
-        # v~ - v = offset + scale * read - v: the constant part is subtracted once, not every step; both in
-        # the reader's (V, B) layout
-        self.rest = (reader.offset - targets).transpose(0, 1).contiguous()
-        self.weights = weights.T.contiguous()
+        self.rest, self.weights = reader.distance_operands(targets, weights)
 
     def losses(self, z: torch.Tensor, precision: str | None = None) -> torch.Tensor:
         """Eq. 12 per face (B,) for codes z (B, z_dim)."""
