@@ -154,44 +154,38 @@ def convolution_seconds(trainer: Trainer, rounds: int) -> tuple[float, list[tupl
     return best, rest
 
 
+def flop_rate(op, flops: int, reps: int) -> float:
+    """FLOP/s of ``op()`` (``flops`` per call): the mean over ``reps`` calls after one warm-up call."""
+    op()
+    start = time.perf_counter()
+    for _ in range(reps):
+        op()
+    return flops * reps / (time.perf_counter() - start)
+
+
 def measured_peak(dtype: torch.dtype, reps: int = 5) -> float:
     """Best FLOP/s of a 4096^2 matmul and a 3x3 convolution (256 channels, 16x16, batch 64) at ``dtype``."""
     n = 4096
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     x = torch.randn(64, 256, 16, 16).to(dtype).contiguous(memory_format=torch.channels_last)
     w = torch.randn(256, 256, 3, 3).to(dtype).contiguous(memory_format=torch.channels_last)
-    best = 0.0
-    for op, flops in ((lambda: a @ b, 2 * n ** 3), (lambda: torch.conv2d(x, w, padding=1), 2 * 64 * 256 * 256 * 9 * 256)):
-        op()
-        start = time.perf_counter()
-        for _ in range(reps):
-            op()
-        best = max(best, flops * reps / (time.perf_counter() - start))
-    return best
+    return max(flop_rate(lambda: a @ b, 2 * n ** 3, reps),
+               flop_rate(lambda: torch.conv2d(x, w, padding=1), 2 * 64 * 256 * 256 * 9 * 256, reps))
 
 
-def emulation_rates(calls: int = 3) -> dict[str, tuple[float, float]]:
+def emulation_rates(reps: int = 10) -> dict[str, tuple[float, float]]:
     """FLOP/s in (float32, bfloat16) of a 512^2 matmul and of a 3x3 convolution (128 channels, 16x16, batch
-    64), each the fastest of ``calls``: what autocast would cost on a CPU that emulates bfloat16 (small
-    sizes: emulated bf16 runs large matmuls at a fraction of a GFLOP/s)."""
+    64), as :func:`flop_rate` measures them: what autocast would cost on a CPU that emulates bfloat16
+    (small sizes: emulated bf16 runs large matmuls at a fraction of a GFLOP/s)."""
     n = 512
     operands = {"matmul 512^2": ((torch.randn(n, n), torch.randn(n, n)), torch.matmul, 2 * n ** 3),
                 "conv 3x3, 128 channels": ((torch.randn(64, 128, 16, 16), torch.randn(128, 128, 3, 3)),
                                            lambda x, w: torch.conv2d(x, w, padding=1), 2 * 64 * 128 * 128 * 9 * 256)}
     rates = {}
     for name, (inputs, op, flops) in operands.items():
-        rate = []
-        for dtype in (torch.float32, torch.bfloat16):
-            args = [t.to(dtype).contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t.to(dtype)
-                    for t in inputs]
-            op(*args)
-            seconds = []
-            for _ in range(calls):
-                start = time.perf_counter()
-                op(*args)
-                seconds.append(time.perf_counter() - start)
-            rate.append(flops / min(seconds))
-        rates[name] = (rate[0], rate[1])
+        fp32, bf16 = ([t.to(dtype).contiguous(memory_format=torch.channels_last) if t.ndim == 4 else t.to(dtype)
+                       for t in inputs] for dtype in (torch.float32, torch.bfloat16))
+        rates[name] = (flop_rate(lambda: op(*fp32), flops, reps), flop_rate(lambda: op(*bf16), flops, reps))
     return rates
 
 
